@@ -1,0 +1,456 @@
+"""The Qwen3 decoder and the VLM around it, in plain PyTorch.
+
+Read top to bottom: config -> norms and RoPE -> the one attention helper -> the KV cache -> the decoder blocks
+-> 3-D positions (rope_index) -> the VLM (vision features scattered into the text, deepstack) -> loading.
+Module names mirror the Hugging Face checkpoints (`model.layers.0.self_attn.q_proj`, `visual.blocks.0...`), so
+loading is a short table of prefix rules in convert.py and no weight is permuted.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convert
+from vision import VisionConfig, VisionTower
+
+try:  # optional: packed documents on CUDA go through the varlen kernel instead of a dense mask
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # from config.json: Qwen3-0.6B has 16 heads x 128 != hidden 1024
+    rope_theta: float
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 / Qwen2.5-VL decoder: biases on q, k, v (never on o)
+    qk_norm: bool = True  # Qwen3: per-head RMSNorm on q and k before RoPE
+    mrope_section: tuple[int, ...] = ()  # () = 1-D RoPE; (t, h, w) frequency counts for 3-D M-RoPE
+    mrope_interleaved: bool = False  # Qwen3-VL: THWTHW... ; Qwen2.5-VL: TTT..HHH..WWW (sectioned)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    text: TextConfig
+    vision: VisionConfig | None = None  # None: a text-only LLM
+    image_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# norms and rotary embeddings
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, cast back, *then* scale: the weight multiply happens in the model dtype, as in HF
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def rope_inv_freq(theta: float, dim: int, device: torch.device) -> torch.Tensor:
+    # computed on the CPU in fp32 like HF's buffer, then moved: the same bits on every device and never cast
+    # to bf16 by model.to(dtype), because it is not a buffer at all
+    return (1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def mrope_axis(section: tuple[int, ...], interleaved: bool, device: torch.device) -> torch.Tensor:
+    """Which position row (0 = t, 1 = h, 2 = w) drives each of the head_dim/2 frequencies."""
+    t, h, w = section
+    if interleaved:  # Qwen3-VL: T everywhere, then every third frequency from 1 is H and from 2 is W
+        axis = torch.zeros(t + h + w, dtype=torch.long)
+        axis[1 : 3 * h : 3] = 1
+        axis[2 : 3 * w : 3] = 2
+    else:  # Qwen2.5-VL: the first t frequencies follow T, the next h follow H, the last w follow W
+        axis = torch.tensor([0] * t + [1] * h + [2] * w)
+    return axis.to(device)
+
+
+def rope_cos_sin(positions: torch.Tensor, cfg: TextConfig, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, T), or (3, B, T) for M-RoPE -> cos, sin (B, T, head_dim) in `dtype`."""
+    inv_freq = rope_inv_freq(cfg.rope_theta, cfg.head_dim, positions.device)
+    freqs = positions[..., None].float() * inv_freq  # ([3,] B, T, hd/2), fp32
+    if positions.dim() == 3:  # pick each frequency's angle from its own axis of the 3-D position
+        axis = mrope_axis(cfg.mrope_section, cfg.mrope_interleaved, positions.device)
+        freqs = freqs.gather(0, axis.expand_as(freqs[:1])).squeeze(0)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # rotate-half layout: both halves share the frequencies
+    return emb.cos().to(dtype), emb.sin().to(dtype)  # rounded to the model dtype before use, as HF does
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hd); cos, sin (B, T, hd)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention: one mask helper, one attention call
+
+
+def attention_mask(
+    q_len: int, k_len: int, padding: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """The mask for every case, True = may attend; None = plain causal (SDPA's own is_causal).
+
+    The last q_len of k_len positions are the queries, so causality is aligned bottom-right: with a cache,
+    query i sits at absolute position k_len - q_len + i. padding (B, k_len): 1 for real tokens, 0 for pads
+    (left or right). doc_ids (B, k_len): packed documents, a token sees only its own document.
+    """
+    if padding is None and doc_ids is None and q_len == k_len:
+        return None
+    device = padding.device if padding is not None else doc_ids.device if doc_ids is not None else None
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, q, k)
+    if padding is not None:
+        mask = mask & padding.bool()[:, None, None, :]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, -q_len:, None] == doc_ids[:, None, None, :])
+    # a pad query may see nothing at all; let every query see itself so no softmax row is empty (NaN)
+    return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+
+
+def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(1, T) document ids -> cu_seqlens (n_docs + 1,) int32 and the longest document, for flash-attn varlen."""
+    _, counts = torch.unique_consecutive(doc_ids[0], return_counts=True)
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, int(counts.max())
+
+
+def attend(q, k, v, mask: torch.Tensor | None, cu_seqlens=None) -> torch.Tensor:
+    """q (B, nh, Tq, hd), k/v (B, nkv, Tk, hd) -> (B, nh, Tq, hd)."""
+    if cu_seqlens is not None:  # packed documents, batch of one, on CUDA with flash-attn installed
+        cu, max_len = cu_seqlens
+        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (T, nh, hd): the varlen layout
+        y = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        return y.transpose(0, 1)[None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, owned by the caller and passed to each forward.
+
+    `length` tokens are stored; a forward of T new tokens writes slots [length, length + T) and advances it.
+    `rope_delta` (B, 1) is the VLM's 3-D position offset: a new token's position = its index among the real
+    tokens + rope_delta (HF's rope_deltas); it is set by the prefill forward.
+    """
+
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.rope_delta: torch.Tensor | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nkv, T, hd) after the cached ones; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens do not fit in max_len={self.max_len}")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the decoder
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # one weight of head_dim shared by all heads, applied before RoPE
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cu_seqlens=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, nh, hd) -> (B, nh, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = attend(q, k, v, mask, cu_seqlens)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, cu_seqlens=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cu_seqlens)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """embed_tokens -> layers -> norm. Named `model` in the VLM, as in the checkpoints."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, padding=None, doc_ids=None, cache=None, visual_mask=None, deepstack=()):
+        """x (B, T, D) embeddings; positions (B, T) or (3, B, T); padding (B, cached + T)."""
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        cos, sin = rope_cos_sin(positions, self.cfg, x.dtype)
+        cu_seqlens = None
+        if doc_ids is not None and flash_attn_varlen_func is not None and x.is_cuda and B == 1 and past == 0:
+            cu_seqlens, mask = doc_cu_seqlens(doc_ids), None
+        else:
+            mask = attention_mask(T, past + T, padding, doc_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, cu_seqlens)
+            if i < len(deepstack):  # Qwen3-VL: vision block features added to the first layers' outputs
+                x = x.masked_scatter(visual_mask[..., None], x[visual_mask] + deepstack[i].to(x.dtype))
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3-D positions
+
+
+def rope_index(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    image_token_id: int,
+    merge_size: int,
+    padding: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D M-RoPE positions, transformers' get_rope_index for text and images.
+
+    Text runs count up on all three rows. An image of llm grid (t, h, w) = grid_thw / (1, m, m) takes
+    t*h*w tokens at (start + ti, start + hi, start + wi), and the text after it resumes at start + max(h, w).
+    Pads are skipped (their position is 0). Returns positions (3, B, T) and rope_delta (B, 1) =
+    max position + 1 - number of real tokens, which continues the positions while decoding.
+    """
+    B, T = input_ids.shape
+    positions = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
+    deltas = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    for b in range(B):
+        real = padding[b].bool() if padding is not None else torch.ones(T, dtype=torch.bool, device=input_ids.device)
+        is_image = (input_ids[b, real] == image_token_id).tolist()
+        pos, start, i, n = [], 0, 0, len(is_image)
+        while i < n:
+            if is_image[i]:  # one image: its tokens are consumed by its grid, so adjacent images stay apart
+                try:
+                    t, h, w = next(grids)
+                except StopIteration:
+                    raise ValueError(f"row {b}: more image tokens than images in image_grid_thw") from None
+                h, w = h // merge_size, w // merge_size
+                grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+                pos.append(grid.reshape(3, -1) + start)
+                start, i = start + max(h, w), i + t * h * w
+            else:
+                j = i
+                while j < n and not is_image[j]:
+                    j += 1
+                pos.append(torch.arange(start, start + j - i).expand(3, -1))
+                start, i = start + j - i, j
+        row = torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)
+        if row.shape[1] != n:
+            raise ValueError(f"row {b}: an image's tokens are cut off ({n} real tokens, the grids need {row.shape[1]})")
+        positions[:, b, real] = row.to(positions.device)
+        deltas[b] = (row.max() + 1 - n) if n else 0
+    return positions, deltas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the VLM
+
+
+class VLM(nn.Module):
+    """Vision tower (+ merger) -> image features in place of the image-pad tokens -> Qwen3 decoder -> logits.
+
+    With cfg.vision None it is a plain text LLM (Qwen3ForCausalLM / Qwen2ForCausalLM).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg.text)
+        self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self):
+        if self.cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def positions(self, input_ids, image_grid_thw=None, padding=None, cache: KVCache | None = None):
+        """Default positions: 1-D for text LLMs, 3-D (rope_index) for VLMs; continued from the cache."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past == 0 and self.cfg.text.mrope_section:
+            pos, delta = rope_index(input_ids, image_grid_thw, self.cfg.image_token_id,
+                                    self.cfg.vision.spatial_merge_size, padding)
+            if cache is not None:
+                cache.rope_delta = delta
+            return pos
+        if padding is not None:  # a token's position counts the real tokens before it
+            pos = (padding.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        else:
+            pos = torch.arange(past, past + T, device=input_ids.device).expand(B, -1)
+        if cache is not None and cache.rope_delta is not None:
+            pos = pos + cache.rope_delta
+        return pos
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with the merged image features written over the image-pad tokens."""
+        x = self.model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return x, None, ()
+        features, deepstack = self.visual(pixel_values, image_grid_thw)
+        visual_mask = input_ids == self.cfg.image_token_id
+        n_tokens, n_features = int(visual_mask.sum()), features.shape[0]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"{n_tokens} image-pad tokens in input_ids but the images give {n_features} features "
+                f"(image_grid_thw {image_grid_thw.tolist()} / {self.cfg.vision.spatial_merge_size}^2 each)"
+            )
+        x = x.masked_scatter(visual_mask[..., None], features.to(x.dtype))
+        return x, visual_mask, deepstack
+
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
+                cache: KVCache | None = None, doc_ids=None, return_hidden: bool = False):
+        """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
+
+        attention_mask (B, cached + T) marks real tokens (1) and pads (0); doc_ids (B, T) separates packed
+        documents (pass their restarting position_ids too); cache continues a previous forward.
+        """
+        x, visual_mask, deepstack = self.embed(input_ids, pixel_values, image_grid_thw)
+        if position_ids is None:
+            position_ids = self.positions(input_ids, image_grid_thw, attention_mask, cache)
+        h = self.model(x, position_ids, attention_mask, doc_ids, cache, visual_mask, deepstack)
+        return h if return_hidden else self.lm_head(h)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """The one place that reads HF config.json keys: Qwen3 / Qwen2 LLMs, Qwen2.5-VL and Qwen3-VL."""
+    model_type = hf.get("model_type", "")
+    text = hf.get("text_config") or hf  # Qwen2.5-VL's own config.json keeps the text keys at the top level
+    rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
+    is_vl = "vision_config" in hf
+    qwen3 = model_type.startswith("qwen3")  # Qwen3 / Qwen3-VL decoder: QK-norm, no biases
+    mrope = ()
+    if is_vl:
+        mrope = tuple(rope.get("mrope_section") or ((24, 20, 20) if qwen3 else (16, 24, 24)))
+    tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    text_cfg = TextConfig(
+        vocab_size=text["vocab_size"],
+        hidden_size=text["hidden_size"],
+        intermediate_size=text["intermediate_size"],
+        num_layers=text["num_hidden_layers"],
+        num_heads=text["num_attention_heads"],
+        num_kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
+        head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
+        rope_theta=float(text.get("rope_theta") or rope.get("rope_theta") or hf.get("rope_theta")),
+        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=text.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(tie),
+        qkv_bias=not qwen3 or bool(text.get("attention_bias", False)),
+        qk_norm=qwen3,
+        mrope_section=mrope,
+        # transformers always interleaves Qwen3-VL's frequencies (4.57 never reads the flag)
+        mrope_interleaved=is_vl and qwen3,
+    )
+    if not is_vl:
+        return ModelConfig(text=text_cfg)
+    from vision import vision_config_from_hf
+
+    return ModelConfig(
+        text=text_cfg,
+        vision=vision_config_from_hf(hf["vision_config"], out_hidden_size=text_cfg.hidden_size),
+        image_token_id=hf.get("image_token_id", text.get("image_token_id")),
+        vision_start_token_id=hf.get("vision_start_token_id"),
+        vision_end_token_id=hf.get("vision_end_token_id"),
+    )
+
+
+def from_pretrained(path, device=None, dtype: torch.dtype | None = None) -> VLM:
+    """A ready model for an HF directory (config.json + safetensors), built on the meta device and filled in
+    place with the checkpoint's tensors (assign=True), so peak memory stays near one copy of the weights.
+    dtype None keeps the stored dtype."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json, not a model directory")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    with torch.device("meta"):
+        model = VLM(cfg)
+    state = convert.load_state_dict(path, model, device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the parameter objects: tie again
+    return model.eval()
