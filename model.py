@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import convert
+from merger import RMSNorm  # one RMSNorm for text and vision: fp32 normalise, cast back, then scale
 from vision import VisionConfig, VisionTower
 
 try:  # optional: packed documents on CUDA go through the varlen kernel instead of a dense mask
@@ -58,20 +59,7 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# norms and rotary embeddings
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32, cast back, *then* scale: the weight multiply happens in the model dtype, as in HF
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+# rotary embeddings
 
 
 @functools.lru_cache(maxsize=None)
@@ -399,7 +387,8 @@ class VLM(nn.Module):
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """The one place that reads HF config.json keys: Qwen3 / Qwen2 LLMs, Qwen2.5-VL and Qwen3-VL."""
+    """Read an HF config.json (Qwen3 / Qwen2 LLMs, Qwen2.5-VL, Qwen3-VL). This and vision_config_from_hf below
+    are the only code that knows HF config keys."""
     model_type = hf.get("model_type", "")
     text = hf.get("text_config") or hf  # Qwen2.5-VL's own config.json keeps the text keys at the top level
     rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
@@ -429,14 +418,47 @@ def config_from_hf(hf: dict) -> ModelConfig:
     )
     if not is_vl:
         return ModelConfig(text=text_cfg)
-    from vision import vision_config_from_hf
-
     return ModelConfig(
         text=text_cfg,
         vision=vision_config_from_hf(hf["vision_config"], out_hidden_size=text_cfg.hidden_size),
         image_token_id=hf.get("image_token_id", text.get("image_token_id")),
         vision_start_token_id=hf.get("vision_start_token_id"),
         vision_end_token_id=hf.get("vision_end_token_id"),
+    )
+
+
+def vision_config_from_hf(vision_config: dict, out_hidden_size: int | None = None) -> VisionConfig:
+    """Read the `vision_config` dict of a Qwen2.5-VL or Qwen3-VL config.json. A learned position table
+    (`num_position_embeddings`) marks the Qwen3-VL layout: LayerNorm, biased patch conv, GELU-tanh MLP,
+    deepstack. Otherwise it is the Qwen2.5-VL layout: RMSNorm, bias-free conv, SiLU-gated MLP, windows.
+    `out_hidden_size` overrides the merger width (for a new LLM)."""
+    vc = vision_config
+    if "embed_dim" in vc:
+        raise ValueError("this looks like a Qwen2-VL vision config (has embed_dim); only Qwen2.5-VL and Qwen3-VL "
+                         "vision towers are supported")
+    learned_pos = bool(vc.get("num_position_embeddings"))
+    act, want = vc.get("hidden_act"), "gelu_pytorch_tanh" if learned_pos else "silu"
+    if act != want:
+        raise ValueError(f"vision hidden_act {act!r}: expected {want!r} for this layout")
+    return VisionConfig(
+        depth=vc["depth"],
+        hidden_size=vc["hidden_size"],
+        num_heads=vc["num_heads"],
+        intermediate_size=vc["intermediate_size"],
+        out_hidden_size=out_hidden_size or vc["out_hidden_size"],
+        patch_size=vc["patch_size"],
+        temporal_patch_size=vc.get("temporal_patch_size", 2),
+        spatial_merge_size=vc.get("spatial_merge_size", 2),
+        in_channels=vc.get("in_channels", vc.get("in_chans", 3)),  # old config.json files say in_chans
+        norm="layer" if learned_pos else "rms",
+        mlp="gelu_tanh" if learned_pos else "swiglu",
+        patch_bias=learned_pos,
+        num_position_embeddings=vc.get("num_position_embeddings", 0),
+        # transformers' Qwen2.5-VL class defaults apply when an old config.json omits them
+        window_size=0 if learned_pos else vc.get("window_size", 112),
+        fullatt_block_indexes=() if learned_pos else tuple(vc.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        deepstack_indexes=tuple(vc.get("deepstack_visual_indexes", ())) if learned_pos else (),
+        rope_theta=float((vc.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
     )
 
 

@@ -264,38 +264,3 @@ class VisionTower(nn.Module):
             undo = torch.argsort(order)
             out, deepstack = out[undo], [d[undo] for d in deepstack]
         return out, deepstack
-
-
-def vision_config_from_hf(vision_config: dict, out_hidden_size: int | None = None) -> VisionConfig:
-    """Read the `vision_config` dict of a Qwen2.5-VL or Qwen3-VL config.json. A learned position table
-    (`num_position_embeddings`) marks the Qwen3-VL layout: LayerNorm, biased patch conv, GELU-tanh MLP,
-    deepstack. Otherwise it is the Qwen2.5-VL layout: RMSNorm, bias-free conv, SiLU-gated MLP, windows.
-    `out_hidden_size` overrides the merger width (for a new LLM)."""
-    vc = vision_config
-    if "embed_dim" in vc:
-        raise ValueError("this looks like a Qwen2-VL vision config (has embed_dim); only Qwen2.5-VL and Qwen3-VL "
-                         "vision towers are supported")
-    learned_pos = bool(vc.get("num_position_embeddings"))
-    act, want = vc.get("hidden_act"), "gelu_pytorch_tanh" if learned_pos else "silu"
-    if act != want:
-        raise ValueError(f"vision hidden_act {act!r}: expected {want!r} for this layout")
-    return VisionConfig(
-        depth=vc["depth"],
-        hidden_size=vc["hidden_size"],
-        num_heads=vc["num_heads"],
-        intermediate_size=vc["intermediate_size"],
-        out_hidden_size=out_hidden_size or vc["out_hidden_size"],
-        patch_size=vc["patch_size"],
-        temporal_patch_size=vc.get("temporal_patch_size", 2),
-        spatial_merge_size=vc.get("spatial_merge_size", 2),
-        in_channels=vc.get("in_channels", vc.get("in_chans", 3)),  # old config.json files say in_chans
-        norm="layer" if learned_pos else "rms",
-        mlp="gelu_tanh" if learned_pos else "swiglu",
-        patch_bias=learned_pos,
-        num_position_embeddings=vc.get("num_position_embeddings", 0),
-        # transformers' Qwen2.5-VL class defaults apply when an old config.json omits them
-        window_size=0 if learned_pos else vc.get("window_size", 112),
-        fullatt_block_indexes=() if learned_pos else tuple(vc.get("fullatt_block_indexes", (7, 15, 23, 31))),
-        deepstack_indexes=tuple(vc.get("deepstack_visual_indexes", ())) if learned_pos else (),
-        rope_theta=float((vc.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-    )

@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when 
 
 import vision  # noqa: E402
 from merger import MergerConfig, PatchMerger  # noqa: E402
-from vision import VisionConfig, VisionTower, vision_config_from_hf  # noqa: E402
+from model import vision_config_from_hf  # noqa: E402
+from vision import VisionConfig, VisionTower  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
