@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import convert
 from merger import RMSNorm  # one RMSNorm for text and vision: fp32 normalise, cast back, then scale
@@ -352,9 +353,19 @@ class VLM(nn.Module):
             pos = pos + cache.rope_delta
         return pos
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
-        """Token embeddings with the merged image features written over the image-pad tokens."""
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_always: bool = False):
+        """Token embeddings with the merged image features written over the image-pad tokens.
+
+        vision_always: a batch without images still runs the tower, on one blank merge block whose outputs are
+        added times zero. Under FSDP every rank must run the same collectives (all-gathers forward, reduce-
+        scatters backward) in the same order, so a text-only rank beside an image rank would otherwise hang.
+        """
         x = self.model.embed_tokens(input_ids)
+        if pixel_values is None and vision_always and self.visual is not None:
+            v = self.cfg.vision
+            m, row = v.spatial_merge_size, v.in_channels * v.temporal_patch_size * v.patch_size**2
+            blank, blank_ds = self.visual(x.new_zeros(m * m, row), torch.tensor([[1, m, m]], device=x.device))
+            return x + 0.0 * sum((f.sum() for f in blank_ds), blank.sum()), None, ()
         if pixel_values is None:
             return x, None, ()
         features, deepstack = self.visual(pixel_values, image_grid_thw)
@@ -369,17 +380,40 @@ class VLM(nn.Module):
         return x, visual_mask, deepstack
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
-                cache: KVCache | None = None, doc_ids=None, return_hidden: bool = False):
-        """input_ids (B, T) -> logits (B, T, vocab), or the final hidden states (B, T, D) with return_hidden.
+                cache: KVCache | None = None, doc_ids=None, labels=None, return_hidden: bool = False,
+                vision_always: bool = False):
+        """input_ids (B, T) -> logits (B, T, vocab); the final hidden states (B, T, D) with return_hidden; with
+        labels (B, T) (-100 = not trained), the summed next-token cross-entropy (fp32 scalar) instead.
 
         attention_mask (B, cached + T) marks real tokens (1) and pads (0); doc_ids (B, T) separates packed
         documents (pass their restarting position_ids too); cache continues a previous forward.
         """
-        x, visual_mask, deepstack = self.embed(input_ids, pixel_values, image_grid_thw)
+        x, visual_mask, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, vision_always)
         if position_ids is None:
             position_ids = self.positions(input_ids, image_grid_thw, attention_mask, cache)
         h = self.model(x, position_ids, attention_mask, doc_ids, cache, visual_mask, deepstack)
+        if labels is not None:
+            targets = labels[:, 1:]
+            keep = targets != -100  # position t predicts token t + 1
+            return chunked_cross_entropy(h[:, :-1][keep], self.lm_head.weight, targets[keep])
         return h if return_hidden else self.lm_head(h)
+
+
+def _ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 2048):
+    """Sum of cross-entropy of h (N, D) @ weight.T against targets (N,), `chunk` rows at a time.
+
+    Only label positions come in, and each chunk's fp32 logits (chunk x vocab) are recomputed in backward
+    (checkpoint) rather than kept: with a 152k vocabulary, all positions' fp32 logits would dwarf the model.
+    """
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk):
+        part = (h[s : s + chunk], weight, targets[s : s + chunk])
+        total = total + (checkpoint(_ce_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*part))
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------

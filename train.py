@@ -1,0 +1,352 @@
+"""Staged training of the assembled VLM, flat and visible: settings, set-up, model, data, the loop.
+
+    python train.py --stage 1 --model DIR --data FILE --out DIR                  # one process
+    torchrun --nproc_per_node 8 train.py --stage 1 --model DIR --data FILE --out DIR   # FSDP2
+
+Stage 1 trains the merger (and Qwen3-VL's deepstack mergers) with vision and LLM frozen; stage 2 trains all;
+--train-vision/--no-train-vision (and -merger, -llm) override either. The output directory is an HF-layout
+model directory (the next stage's --model, what sample.py and eval.py read) with checkpoints/, log.jsonl and
+train_config.json beside the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
+from tqdm import tqdm
+
+import convert
+import data
+import model as M
+
+
+@dataclass
+class TrainConfig:
+    model: str = "out/demo/assembled"  # HF-layout model dir: convert.py assemble's output or a previous stage's
+    data: list[str] = field(default_factory=lambda: ["out/demo/data/train.jsonl"])  # json / jsonl files
+    data_root: str = ""  # relative image paths are under this (default: each data file's directory)
+    out: str = ""  # default: out/demo/stage{stage}
+    stage: int = 1
+    train_vision: bool | None = None  # None: the stage decides (1: merger only, 2: everything)
+    train_merger: bool | None = None
+    train_llm: bool | None = None
+    lr: float = 1e-4
+    lr_vision: float | None = None  # per-part learning rates; None = lr
+    lr_merger: float | None = None
+    lr_llm: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    epochs: int = 1
+    max_steps: int = 0  # 0 = as many as `epochs` passes over the data take
+    batch_size: int = 1  # sequences per micro-batch per rank (packed sequences with --packing)
+    grad_accum: int = 1
+    max_length: int = 2048
+    packing: bool = True
+    max_pixels: int | None = None  # None: the model dir's preprocessor settings
+    min_pixels: int | None = None
+    clip_grad: float = 1.0
+    dtype: str = "bfloat16"  # compute dtype; master weights, optimizer state and gradient reduction are fp32
+    reshard_after_forward: bool = True  # False: keep gathered params from forward to backward (ZeRO-2-like)
+    activation_checkpointing: bool = False
+    skip_invalid: bool = False  # drop samples the data check rejects (reported) instead of refusing to start
+    num_workers: int = 0
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2
+    resume: bool = False  # continue from the newest complete checkpoint under --out
+    max_shard_size: str = "4GB"
+    peak_tflops: float = 0.0  # for MFU on CUDA; 0 = from the device name (H100/H200 bf16 dense: 989)
+
+
+def parse_args() -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(TrainConfig(), f.name)
+        if f.type in ("bool", "bool | None"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "data":
+            p.add_argument(flag, nargs="+", default=default)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type.split(" |")[0]]
+            p.add_argument(flag, type=kind, default=default)
+    cfg = TrainConfig(**vars(p.parse_args()))
+    return dataclasses.replace(cfg, out=cfg.out or f"out/demo/stage{cfg.stage}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# set-up
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous, also across nodes); without them this
+    is one plain process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def part_of(name: str) -> str:
+    """vision | merger | llm, by parameter name (the names mirror the checkpoint)."""
+    if name.startswith("visual.merger.") or name.startswith("visual.deepstack_merger_list."):
+        return "merger"
+    return "vision" if name.startswith("visual.") else "llm"
+
+
+def set_trainable(model: M.VLM, cfg: TrainConfig) -> dict[str, bool]:
+    stage_default = {1: dict(vision=False, merger=True, llm=False), 2: dict(vision=True, merger=True, llm=True)}
+    train = {part: stage_default[cfg.stage][part] if flag is None else flag
+             for part, flag in (("vision", cfg.train_vision), ("merger", cfg.train_merger), ("llm", cfg.train_llm))}
+    for name, p in model.named_parameters():
+        p.requires_grad_(train[part_of(name)])
+    return train
+
+
+def load_model(cfg: TrainConfig, world: int, device: torch.device) -> tuple[M.VLM, dict, torch.dtype]:
+    """The model with fp32 master weights, trainable parts set, checkpointing and sharding applied.
+
+    One process: read the checkpoint and go. FSDP2 (torchtitan's way): every rank builds the model on the meta
+    device and shards it from outside (each vision block and decoder layer a unit, then the root: embeddings,
+    patch embed, mergers, final norm, lm_head); rank 0 alone reads the checkpoint and broadcasts it into the
+    shards. Params are cast to the compute dtype for forward/backward; gradients are reduced in fp32.
+    Returns the model, its HF config and the dtype the checkpoint stores (the final save keeps it).
+    """
+    hf_config = json.loads((Path(cfg.model) / "config.json").read_text())
+    with torch.device("meta"):
+        model = M.VLM(M.config_from_hf(hf_config))
+    rank = dist.get_rank() if world > 1 else 0
+    state = convert.load_state_dict(cfg.model, model) if rank == 0 else {}
+    stored = [state["model.embed_tokens.weight"].dtype if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(stored, src=0)
+    set_trainable(model, cfg)
+    blocks = [*(model.visual.blocks if model.visual is not None else []), *model.model.layers]
+    if cfg.activation_checkpointing:  # keep each block's input only; recompute inside it in backward
+        from torch.distributed._composable import checkpoint
+
+        for block in blocks:
+            checkpoint(block)
+    if world == 1:
+        model.load_state_dict({k: v.to(device, torch.float32) for k, v in state.items()}, strict=True, assign=True)
+        model.tie_weights()
+        set_trainable(model, cfg)  # assign=True brought new parameter objects
+        return model, hf_config, stored[0]
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    model.to_empty(device=device)
+    state = {k: v.float() for k, v in state.items()}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model, hf_config, stored[0]
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    def f(step: int) -> float:  # linear warmup, then cosine from 1 to min_lr_ratio
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: atomic (written to step_N.tmp, renamed when complete), resumable, the last K kept
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, rank: int, world: int):
+    final, tmp = out / "checkpoints" / f"step_{step:08d}", out / "checkpoints" / f"step_{step:08d}.tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    # trainable parameters and their optimizer state only: frozen ones are in --model already
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng_{rank}.pt")
+    barrier(world)
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
+                                                      "world_size": world}))
+        tmp.rename(final)  # the checkpoint exists only once it is whole
+        for old in sorted(out.glob("checkpoints/step_????????"))[: -cfg.keep_last]:
+            shutil.rmtree(old)
+    barrier(world)
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> int:
+    done = sorted(out.glob("checkpoints/step_????????"))
+    if not done:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+    path = done[-1]
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(ignore_frozen_params=True))
+    trainer = json.loads((path / "trainer.json").read_text())
+    scheduler.load_state_dict(trainer["scheduler"])
+    rng = torch.load(path / f"rng_{rank}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return trainer["step"]
+
+
+def save_hf(out: Path, model, hf_config: dict, dtype: torch.dtype, cfg: TrainConfig, rank: int) -> None:
+    """The consolidated HF-layout model: the next stage's --model, what sample.py and eval.py read."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        state = {k: v.to(dtype) for k, v in state.items()}
+        convert.save_state_dict(state, out, hf_config, max_shard_size=cfg.max_shard_size)
+        convert.copy_model_files(cfg.model, out)
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+
+MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_grid_thw", "attention_mask", "position_ids", "doc_ids")
+
+
+def main(cfg: TrainConfig) -> None:
+    rank, world, device = setup_distributed()
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # data first: a broken dataset should fail before any weights are read
+    dataset = data.TrainData(cfg.data, cfg.model, data_root=cfg.data_root or None, max_length=cfg.max_length,
+                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, skip_invalid=cfg.skip_invalid,
+                             log=print if rank == 0 else None)
+    global_batch = world * cfg.batch_size * cfg.grad_accum  # sequences (packed or padded) per optimizer step
+    steps_per_epoch = dataset.steps_per_epoch(global_batch, packing=cfg.packing)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    model, hf_config, stored_dtype = load_model(cfg, world, device)
+    parts = {}
+    for name, p in model.named_parameters():
+        n, t = parts.get(part_of(name), (0, 0))
+        parts[part_of(name)] = (n + p.numel() * world if world > 1 else n + p.numel(), t + p.requires_grad)
+    if rank == 0:
+        for part, (n, trainable) in parts.items():
+            print(f"{part:>7}: {n / 1e6:9.2f}M parameters, {'trainable' if trainable else 'frozen'}")
+
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(part_of(name), []).append(p)
+    part_lr = {"vision": cfg.lr_vision, "merger": cfg.lr_merger, "llm": cfg.lr_llm}
+    optimizer = torch.optim.AdamW(  # state only for trainable parameters: frozen ones never enter it
+        [{"params": ps, "lr": part_lr[part] or cfg.lr, "name": part} for part, ps in groups.items()],
+        betas=(0.9, 0.95), weight_decay=cfg.weight_decay, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+    step = load_checkpoint(out, model, optimizer, scheduler, rank) if cfg.resume else 0
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    batches = dataset.batches(rank=rank, world_size=world, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                              packing=cfg.packing, seed=cfg.seed, start_step=step, num_workers=cfg.num_workers)
+    amp = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if world == 1 and cfg.dtype != "float32"
+           else torch.autocast(device.type, enabled=False))  # FSDP casts by its own policy
+    n_params = sum(n for n, _ in parts.values())
+    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
+    model.train()
+    t0, seen = time.perf_counter(), torch.zeros(2, device=device)  # real tokens and samples since the last log line
+    while step < total_steps:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        # the loss is summed over label tokens and divided by their count over every micro-batch and rank
+        n_labels = all_sum(torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)),
+                                        device=device), world)
+        loss_sum = torch.zeros((), device=device)
+        for b in micro:
+            inputs = {k: b[k].to(device) for k in MODEL_INPUTS if b.get(k) is not None}
+            with amp:
+                s = model(**inputs, vision_always=True)
+            # FSDP averages gradients over ranks: times world turns that mean back into the global sum
+            (s * world / n_labels.clamp(min=1)).backward()
+            loss_sum += s.detach()
+        norm = torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.clip_grad)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update()
+
+        loss = (all_sum(loss_sum, world) / n_labels.clamp(min=1)).item()
+        seen += torch.tensor([sum(b["num_tokens"] for b in micro), sum(b["num_samples"] for b in micro)], device=device)
+        if step % cfg.log_every == 0 or step == total_steps:
+            dt, t0 = time.perf_counter() - t0, time.perf_counter()
+            tokens, samples = all_sum(seen, world).tolist()
+            seen = torch.zeros(2, device=device)
+            row = dict(step=step, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=norm.item(),
+                       tokens_per_s=tokens / dt, samples_per_s=samples / dt, peak_mem_gb=peak_memory_gb(device))
+            if device.type == "cuda":  # 6 FLOPs per parameter per token (forward + backward), attention excluded
+                row["mfu"] = 6 * n_params * row["tokens_per_s"] / (world * peak_flops(cfg, device))
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
+            if log:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            save_checkpoint(out, step, model, optimizer, scheduler, cfg, rank, world)
+    bar.close()
+    save_hf(out, model, hf_config, stored_dtype, cfg, rank)
+    if rank == 0:
+        print(f"saved {out} (HF layout: the next stage's --model)")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_args())
