@@ -1,17 +1,41 @@
-"""Data: images to vision-tower patches (below); datasets, chat formatting and packing follow.
+"""Data: images to vision-tower patches; LLaVA / ms-swift datasets to checked, rendered, packed batches.
 
 The image code is a plain-PyTorch copy of transformers' Qwen2VLImageProcessorPil (5.23.0), the processor that
 Qwen2.5-VL and Qwen3-VL share; tests/test_preprocess.py checks that it is bit-identical.
+
+For train.py (`python data.py FILE... --model DIR` is its first four steps, as a linter):
+    cfg = DataConfig(max_length=4096, ...)                      # the user's data choices, one flag each
+    chat = load_chat(model_dir, cfg)                            # what the model dir decides: tokens, template
+    samples, problems = load_samples(files, cfg.data_root)      # JSON and structure
+    samples, summary, more = check_dataset(samples, chat, cfg)  # every image decoded, every sample measured
+    problems += more                # print(summary, describe_problems(problems)); on any problem stop unless
+                                    # told to skip them: `samples` already holds only the valid ones
+    loader = Loader(samples, chat, cfg, rank, world_size, seed, num_workers)   # loader.efficiency(epoch)
+    for batch in loader.batches(epoch, start=offset):           # VLM.forward's kwargs + labels
+        loss = F.cross_entropy(logits[:, :-1] ..., batch["labels"][:, 1:] ..., ignore_index=-100)
+        offset = loader.offset                                  # save it: batches(epoch, start=offset) resumes
 """
 
+import argparse
+import bisect
+import functools
 import json
 import math
-from dataclasses import dataclass
+import multiprocessing
+import re
+import sys
+import typing
+from collections import Counter
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from tokenizers import Tokenizer
+
+import model
 
 # ---- images ----
 
@@ -154,3 +178,552 @@ def preprocess_images(images: list[Image.Image], cfg: ImageConfig) -> tuple[torc
 def num_image_tokens(grid_thw: torch.Tensor, merge_size: int) -> list[int]:
     """LLM placeholder tokens per image: t*h*w patches, merge_size^2 of them per token."""
     return (grid_thw.prod(-1) // merge_size**2).tolist()
+
+
+# ---- the model dir's side: tokenizer, chat template, image settings ----
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    data_root: str = ""  # relative image paths are under it; "" = under the dataset file's own directory
+    max_length: int = 4096  # tokens per row; a longer sample is cut at its end, never through an image
+    pack: bool = True  # bin-pack samples into rows of max_length; else one padded sample per row
+    batch_size: int = 1  # rows per batch
+    pack_window: int = 1024  # samples packed together at a time (best-fit decreasing inside a window)
+    min_pixels: int | None = None  # image bounds; None = the model dir's preprocessor_config.json or family's
+    max_pixels: int | None = None
+    system_prompt: str | None = None  # None = the chat template's default (Qwen2.5-VL: one; Qwen3: none); "" = none
+    think: bool | None = None  # <think> block on the last assistant turn; None = as the chat template does
+
+
+@dataclass(frozen=True)
+class Chat:
+    """What a model dir decides about turning a conversation into tokens. Ids come from its config.json and
+    tokenizer.json, never from this file: token *strings* are Qwen's, the numbers are the checkpoint's."""
+    tokenizer: Tokenizer
+    default_system: str  # inserted when a conversation has no system turn; "" = none
+    think: bool  # the last assistant turn opens with <think>\n{reasoning}\n</think>\n\n (Qwen3 templates)
+    image: ImageConfig | None  # None: a text-only LLM
+    mrope: bool  # 3-D positions (a VLM) rather than 1-D
+    image_token_id: int | None
+    image_text: str  # what one <image> becomes before expansion: <|vision_start|><|image_pad|><|vision_end|>
+    pad_id: int
+    reserved: tuple[str, ...]  # special tokens a sample's own text may not contain
+
+
+# The tokens the template and the image expansion place, which a sample's text may not hold. Qwen's other special
+# tokens (<|box_start|>, <|object_ref_start|>, ... of its grounding format) are data and pass through.
+RESERVED = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+            "<|video_pad|>", "<|vision_pad|>")
+
+
+def read_chat_template(path) -> str:
+    """The chat template of a model dir, where transformers looks: the processor's files, then the tokenizer's."""
+    d = Path(path)
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        f = d / name
+        if f.is_file():
+            t = f.read_text() if name.endswith(".jinja") else json.loads(f.read_text()).get("chat_template")
+            if isinstance(t, list):  # several named templates: the default one
+                t = next((x["template"] for x in t if x.get("name") == "default"), None)
+            if t:
+                return t
+    raise FileNotFoundError(f"{d}: no chat template in chat_template.jinja, chat_template.json or "
+                            f"tokenizer_config.json; copy the tokenizer files of the LLM this model was made from")
+
+
+def template_defaults(template: str) -> tuple[str, bool]:
+    """(default system prompt, think) as a Qwen chat template decides them, read off its text rather than run.
+    A literal `<|im_start|>system\\n...<|im_end|>` is the system turn it inserts when a conversation has none
+    (Qwen2.5-VL: "You are a helpful assistant."; Qwen3 and Qwen3-VL: none). `reasoning_content` marks the Qwen3
+    templates (hybrid and thinking) that render the last assistant turn with a <think> block, empty or not."""
+    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<>]+?)<\|im_end\|>", template)
+    return (m.group(1) if m else ""), "reasoning_content" in template
+
+
+def load_chat(path, cfg: DataConfig) -> Chat:
+    """Read a model dir (config.json, tokenizer.json, chat template, preprocessor_config.json), cfg overriding."""
+    d = Path(path)
+    for name in ("config.json", "tokenizer.json"):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{d}: no {name}; --model must be a model directory")
+    mc = model.config_from_hf(json.loads((d / "config.json").read_text()))
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    system, think = template_defaults(read_chat_template(d))
+
+    def text_of(token_id: int | None, default: str) -> str:  # the token config.json names, or Qwen's default
+        t = default if token_id is None else tok.id_to_token(token_id)
+        if t is None or tok.token_to_id(t) is None:
+            raise ValueError(f"{d}/tokenizer.json has no token {default if token_id is None else token_id!r}")
+        return t
+
+    image, image_text, image_id = None, "", None
+    if mc.vision is not None:
+        v = mc.vision
+        image = image_config_from_dir(d, v.patch_size, cfg.min_pixels, cfg.max_pixels)
+        if (image.merge_size, image.temporal_patch_size) != (v.spatial_merge_size, v.temporal_patch_size):
+            raise ValueError(f"{d}: preprocessor_config.json's merge / temporal patch sizes {image.merge_size} / "
+                             f"{image.temporal_patch_size} differ from config.json's")
+        pad = text_of(mc.image_token_id, "<|image_pad|>")
+        image_id, image_text = tok.token_to_id(pad), (text_of(mc.vision_start_token_id, "<|vision_start|>") + pad
+                                                      + text_of(mc.vision_end_token_id, "<|vision_end|>"))
+    text_of(None, "<|im_start|>"), text_of(None, "<|im_end|>")
+    return Chat(tokenizer=tok, default_system=system if cfg.system_prompt is None else cfg.system_prompt,
+                think=think if cfg.think is None else cfg.think, image=image, mrope=bool(mc.text.mrope_section),
+                image_token_id=image_id, image_text=image_text,
+                # pads are outside attention and loss: their id does not matter; this is the one Qwen pads with
+                pad_id=tok.token_to_id(text_of(None, "<|endoftext|>")),
+                reserved=tuple(t for t in RESERVED if tok.token_to_id(t) is not None))
+
+
+# ---- datasets: LLaVA and ms-swift records -> samples, and what is wrong with them ----
+
+IMAGE = "<image>"  # the placeholder both formats put where an image goes
+LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SAMPLE_KEYS = {"id", "image", "images", "conversations", "messages"}
+
+
+class Problem(NamedTuple):
+    where: str  # file:line
+    kind: str  # a short fixed phrase, to count problems by
+    detail: str = ""
+
+    def __str__(self):
+        return f"{self.where}: {self.kind}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass(frozen=True)
+class Sample:
+    where: str  # file:line, for every message about it
+    messages: tuple[tuple[str, str], ...]  # (role, text), role system | user | assistant; <image> marks images
+    images: tuple[Path, ...]
+    tokens: int = 0  # rendered length before any cut to max_length; set by check_dataset
+    image_tokens: tuple[int, ...] = ()  # per image; set by check_dataset
+
+
+def read_records(path: Path) -> tuple[list[tuple[str, object]], list[Problem]]:
+    """(file:line, JSON value) of each sample: one per line in .jsonl, the elements of one array in .json."""
+    text, records, problems = path.read_text(encoding="utf-8"), [], []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+            except json.JSONDecodeError as e:
+                problems.append(Problem(f"{path}:{n}", "bad JSON", f"{e.msg} (column {e.colno})"))
+        return records, problems
+    if path.suffix != ".json":
+        raise ValueError(f"{path}: a dataset file is .json (one array of samples) or .jsonl (one sample a line)")
+    # walk the array value by value, so that each sample is named by the line it starts on
+    ws, decoder, line, counted = re.compile(r"\s*"), json.JSONDecoder(), 1, 0
+
+    def at(i: int) -> str:  # file:line of character i; i only grows, so lines are counted once
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, i), i
+        return f"{path}:{line}"
+
+    i = ws.match(text).end()
+    if not text.startswith("[", i):
+        return [], [Problem(at(i), "bad JSON", "a .json file holds one array of samples (.jsonl: one a line)")]
+    i = ws.match(text, i + 1).end()
+    while not text.startswith("]", i):
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            return records, [Problem(f"{path}:{e.lineno}", "bad JSON", f"{e.msg} (column {e.colno}); rest unread")]
+        records.append((at(i), value))
+        i = ws.match(text, end).end()
+        if not text.startswith((",", "]"), i):
+            return records, [Problem(at(i), "bad JSON", "expected ',' or ']'; rest unread")]
+        i = ws.match(text, i + 1).end() if text[i] == "," else i
+    return records, []
+
+
+def preview(value) -> str:
+    s = json.dumps(value, ensure_ascii=False)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def parse_sample(where: str, raw, root: Path) -> tuple[Sample | None, list[Problem]]:
+    """A LLaVA record (`conversations` of {from: human|gpt|system, value}) or an ms-swift one (`messages` of
+    {role: user|assistant|system, content}) as a Sample, or every problem found in it. Images are `image` (a
+    path) or `images` (a list), relative to root, one per <image> placeholder, in order."""
+    if not isinstance(raw, dict):
+        return None, [Problem(where, "not an object", f"a sample is a JSON object, not {preview(raw)}")]
+    out = []
+
+    def bad(kind, detail=""):
+        out.append(Problem(where, kind, detail))
+
+    for key in sorted(raw.keys() - SAMPLE_KEYS):
+        bad("unknown field", repr(key) + (": videos are not supported" if key in ("video", "videos") else ""))
+    if ("conversations" in raw) == ("messages" in raw):
+        both = "messages" in raw
+        bad("conflicting fields" if both else "missing field",
+            "a sample has `conversations` (LLaVA) or `messages` (ms-swift)" + (", not both" if both else ""))
+        return None, out
+    llava = "conversations" in raw
+    turns = raw["conversations" if llava else "messages"]
+    role_key, text_key = ("from", "value") if llava else ("role", "content")
+    if not isinstance(turns, list) or not turns:
+        return None, out + [Problem(where, "empty conversation", f"{'conversations' if llava else 'messages'} "
+                                                                 f"is {preview(turns)}")]
+    messages = []
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            bad("missing field", f"turn {k} needs {role_key!r} and {text_key!r}")
+            continue
+        if extra := sorted(turn.keys() - {role_key, text_key}):
+            bad("unknown field", f"turn {k}: {', '.join(map(repr, extra))}")
+        role = turn[role_key]
+        role = LLAVA_ROLES.get(role) if llava else role if role in ("system", "user", "assistant") else None
+        if role is None:
+            bad("unknown role", f"turn {k}: {turn[role_key]!r}, expected one of "
+                                f"{', '.join(LLAVA_ROLES if llava else ('system', 'user', 'assistant'))}")
+        elif not isinstance(turn[text_key], str):
+            bad("bad field", f"turn {k}: {text_key} is {preview(turn[text_key])}, not a string")
+        else:
+            messages.append((role, turn[text_key]))
+    if "image" in raw and "images" in raw:
+        bad("conflicting fields", "`image` and `images`: use one")
+    paths = raw.get("images", raw.get("image", []))
+    paths = [paths] if isinstance(paths, str) else paths
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        bad("bad field", f"images must be a path or a list of paths, not {preview(paths)}")
+    if out:
+        return None, out
+    # the shape every chat template assumes: [system], user, assistant, user, assistant, ..., assistant
+    first = 1 if messages[0][0] == "system" else 0
+    body = [r for r, _ in messages[first:]]
+    twice = next((k for k in range(len(body) - 1) if body[k] == body[k + 1]), None)
+    if "system" in body:
+        bad("bad order", f"turn {first + body.index('system')} is a system turn; only the first turn may be")
+    elif not body or body[0] != "user":
+        bad("bad order", "the conversation must start with a user turn (after an optional system turn)")
+    elif twice is not None:
+        bad("bad order", f"turns {first + twice} and {first + twice + 1} are both {body[twice]} turns; they alternate")
+    elif body[-1] != "assistant":
+        bad("bad order", "the last turn is a user turn: nothing to learn from")
+    for k, (role, text) in enumerate(messages):
+        if not text.strip() and role != "system":  # an empty system turn is legal: the template renders it
+            bad("empty turn", f"turn {k} ({role}) has no text")
+        elif IMAGE in text and role != "user":
+            bad("misplaced <image>", f"in turn {k} ({role}); images go in user turns")
+    if (n := sum(text.count(IMAGE) for _, text in messages)) != len(paths):
+        bad("image count mismatch", f"{n} {IMAGE} placeholder(s) but {len(paths)} image(s)")
+    return (None, out) if out else (Sample(where, tuple(messages), tuple(root / p for p in paths)), [])
+
+
+def load_samples(files, data_root: str = "") -> tuple[list[Sample], list[Problem]]:
+    """Every well-formed sample of the files, in order, and the problems of the rest (JSON and structure only:
+    images and lengths are check_dataset's)."""
+    samples, problems = [], []
+    for f in map(Path, files):
+        records, bad = read_records(f)
+        problems += bad
+        for where, raw in records:
+            s, bad = parse_sample(where, raw, Path(data_root) if data_root else f.parent)
+            problems += bad
+            samples += [s] if s else []
+    return samples, problems
+
+
+# ---- rendering: a sample as the chat template would write it, tokenised, with its labels ----
+
+
+def render(sample: Sample, chat: Chat, counts: list[int]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a sample, ChatML as the model's chat template renders it: the default system turn
+    if it has none, then `<|im_start|>{role}\\n{text}<|im_end|>\\n` a turn, each <image> as vision_start +
+    counts[i] image pads + vision_end. Labels are -100 except on assistant text and its <|im_end|> (the
+    loss shifts them). The text is tokenised whole, as the HF processor does, so no token boundary moves; a
+    token is learned when its first character is."""
+    messages = list(sample.messages)
+    if messages[0][0] != "system" and chat.default_system:
+        messages.insert(0, ("system", chat.default_system))
+    text, learned = "", []  # learned: [start, end) character spans
+
+    def add(s: str, learn: bool = False):
+        nonlocal text
+        learned.extend([(len(text), len(text) + len(s))] if learn else [])
+        text += s
+
+    for i, (role, content) in enumerate(messages):
+        add(f"<|im_start|>{role}\n")
+        reasoning = ""
+        if role == "assistant" and chat.think and "</think>" in content:  # Qwen3's template splits reasoning off
+            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = content.split("</think>")[-1].lstrip("\n")
+        if role == "assistant" and chat.think and i == len(messages) - 1:  # only the last turn keeps its block
+            # an empty block is prompt, not answer: enable_thinking=False puts it in the generation prompt
+            add(f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n", learn=bool(reasoning.strip("\n")))
+            content = content.lstrip("\n")
+        add(content.replace(IMAGE, chat.image_text) + "<|im_end|>", learn=role == "assistant")
+        add("\n")
+    enc = chat.tokenizer.encode(text, add_special_tokens=False)
+    if chat.image_token_id is not None and enc.ids.count(chat.image_token_id) != len(counts):  # check_sample's job
+        raise ValueError(f"{sample.where}: {enc.ids.count(chat.image_token_id)} image pads for {len(counts)} images")
+    ids, labels, counts, span = [], [], iter(counts), 0
+    for t, (start, _) in zip(enc.ids, enc.offsets):
+        while span < len(learned) and learned[span][1] <= start:
+            span += 1
+        learn = span < len(learned) and learned[span][0] <= start
+        n = next(counts) if t == chat.image_token_id else 1  # the processor's expansion: a pad per merged token
+        ids += [t] * n
+        labels += [t if learn else -100] * n
+    return ids, labels
+
+
+def image_tokens(height: int, width: int, cfg: ImageConfig) -> int:
+    """LLM tokens of an image of this size, as preprocess_images + num_image_tokens count them, without pixels."""
+    h, w = smart_resize(height, width, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
+    return h * w // (cfg.patch_size * cfg.merge_size) ** 2
+
+
+def check_sample(sample: Sample, chat: Chat, max_length: int) -> tuple[Sample | None, list[Problem]]:
+    """Decode a sample's images and render it: (the sample, measured, or None; its problems)."""
+    out, counts = [], []
+
+    def bad(kind, detail):
+        out.append(Problem(sample.where, kind, detail))
+
+    for k, (role, text) in enumerate(sample.messages):
+        for t in chat.reserved:
+            if t in text:
+                bad("reserved token", f"turn {k} contains {t}; special tokens come from the chat template only")
+    if sample.images and chat.image is None:
+        bad("no vision tower", f"{len(sample.images)} image(s) but the model is a text-only LLM")
+    for path in sample.images if chat.image else ():
+        try:
+            img = load_image(path)
+        except FileNotFoundError:
+            bad("missing image", str(path))
+            continue
+        except ValueError as e:  # corrupt, truncated, not an image
+            bad("undecodable image", str(e))
+            continue
+        try:
+            counts.append(image_tokens(img.height, img.width, chat.image))
+        except ValueError as e:  # smart_resize: an aspect ratio over 200
+            bad("bad image", f"{path}: {e}")
+    if out:
+        return None, out
+    ids, labels = render(sample, chat, counts)
+    if chat.image_token_id in ids[max_length:]:
+        end = len(ids) - ids[::-1].index(chat.image_token_id)
+        bad("image cut by max_length", f"{len(ids)} tokens and the last image ends at token {end} > {max_length}")
+    elif all(label == -100 for label in labels[:max_length]):
+        bad("nothing to learn", f"no assistant token in the first {max_length} (max_length)")
+    return (None if out else replace(sample, tokens=len(ids), image_tokens=tuple(counts))), out
+
+
+_CHECKING = None  # (chat, max_length) for check_dataset's forked workers
+
+
+def _check(sample):
+    return check_sample(sample, *_CHECKING)
+
+
+def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig,
+                  num_workers: int = 0) -> tuple[list[Sample], str, list[Problem]]:
+    """Check every sample (decode its images, render it): (the valid samples with their lengths, a summary,
+    the problems). num_workers > 0 checks in that many forked processes."""
+    global _CHECKING
+    _CHECKING = (chat, cfg.max_length)
+    if num_workers > 0:
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+            results = pool.map(_check, samples, chunksize=64)
+    else:
+        results = list(map(_check, samples))
+    ok = [s for s, _ in results if s]
+    tokens, per_image = sorted(s.tokens for s in ok), [n for s in ok for n in s.image_tokens]
+    lines = [f"valid samples: {len(ok)} ({sum(bool(s.images) for s in ok)} with {len(per_image)} images, "
+             f"{sum(not s.images for s in ok)} text-only)"]
+    if ok:
+        lines.append(f"tokens per sample: min {tokens[0]}, median {tokens[len(ok) // 2]}, max {tokens[-1]}; "
+                     f"{sum(n > cfg.max_length for n in tokens)} over max_length {cfg.max_length}, cut at the end")
+    if per_image:
+        lines.append(f"image tokens: {sum(per_image)}, {min(per_image)} to {max(per_image)} per image")
+    return ok, "\n".join(lines), [p for _, bad in results for p in bad]
+
+
+def describe_problems(problems: list[Problem]) -> str:
+    """One line: how many problems, in how many samples, of which kinds."""
+    kinds = Counter(p.kind for p in problems).most_common()
+    return (f"{len(problems)} problem(s) in {len({p.where for p in problems})} sample(s): "
+            + ", ".join(f"{n} {kind}" for kind, n in kinds))
+
+
+# ---- tensors, packing, batches ----
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: torch.Tensor  # (T,)
+    labels: torch.Tensor  # (T,), -100 where nothing is learned
+    position_ids: torch.Tensor  # (3, T), this sample's own, from 0
+    pixel_values: torch.Tensor | None  # (patches, C*T*p*p), its images' rows in order
+    image_grid_thw: torch.Tensor | None  # (images, 3)
+
+
+def encode(sample: Sample, chat: Chat, max_length: int) -> Example:
+    """A checked sample as tensors: images preprocessed, text rendered and cut to max_length, 3-D positions."""
+    pixels = grid = None
+    counts = []
+    if sample.images:
+        pixels, grid = preprocess_images([load_image(p) for p in sample.images], chat.image)
+        counts = num_image_tokens(grid, chat.image.merge_size)
+    ids, labels = (torch.tensor(x[:max_length]) for x in render(sample, chat, counts))
+    if chat.mrope:  # rope_index raises if the cut went through an image: check_dataset rules that out
+        pos = model.rope_index(ids[None], grid, chat.image_token_id, chat.image.merge_size)[0][:, 0]
+    else:
+        pos = torch.arange(len(ids)).expand(3, -1)
+    return Example(ids, labels, pos, pixels, grid)
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bin-pack items of these lengths into rows of `capacity`: best-fit decreasing (longest first, each into
+    the fullest row it still fits). Returns rows of item indices; with a realistic mix the rows come out nearly
+    full, where concatenating in order would leave a gap at every row end an item does not fit."""
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free slots, row), sorted: bisect finds the tightest fit
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = bisect.bisect_left(room, (lengths[i], -1))
+        if k == len(room):
+            rows.append([])
+            free, row = capacity, len(rows) - 1
+        else:
+            free, row = room.pop(k)
+        if lengths[i] > free:
+            raise ValueError(f"an item of {lengths[i]} tokens does not fit a row of {capacity}")
+        rows[row].append(i)
+        if free > lengths[i]:
+            bisect.insort(room, (free - lengths[i], row))
+    return rows
+
+
+def plan(lengths: list[int], cfg: DataConfig, seed: int, epoch: int, rank: int = 0,
+         world_size: int = 1) -> tuple[list[list[list[int]]], int]:
+    """One epoch's batches for `rank` as sample indices (batch -> rows -> samples), and how many samples it drops.
+    A pure function of its arguments, so every rank and every resumed run computes the same. Each rank packs a
+    disjoint shard of one shuffled order; all ranks stop at the shortest's batch count, as every step is a
+    collective (the samples past it are dropped and counted)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    per_rank = []
+    for r in range(world_size):
+        shard = order[r::world_size].tolist()
+        rows = [] if cfg.pack else [[i] for i in shard]
+        for w in range(0, len(shard) if cfg.pack else 0, cfg.pack_window):
+            window = shard[w : w + cfg.pack_window]
+            bins = [[window[j] for j in row] for row in pack([lengths[i] for i in window], cfg.max_length)]
+            np.random.default_rng([seed, epoch, r, w]).shuffle(bins)  # else the longest samples lead every window
+            rows += bins
+        per_rank.append([rows[b : b + cfg.batch_size] for b in range(0, len(rows), cfg.batch_size)])
+    n = min(len(batches) for batches in per_rank)
+    return per_rank[rank][:n], sum(len(row) for batch in per_rank[rank][n:] for row in batch)
+
+
+def efficiency(batches, lengths: list[int], cfg: DataConfig) -> float:
+    """Real tokens / slots of the batches collate makes (packed rows are max_length; padded ones the longest)."""
+    real = sum(lengths[i] for batch in batches for row in batch for i in row)
+    slots = sum(len(batch) * (cfg.max_length if cfg.pack else max(sum(lengths[i] for i in row) for row in batch))
+                for batch in batches)
+    return real / max(slots, 1)
+
+
+def collate(rows: list[list[Example]], pad_id: int, mrope: bool, length: int | None = None) -> dict:
+    """Rows of examples -> one batch: VLM.forward's keyword arguments plus labels. A row holds one example
+    (padded batches) or several (a packed row: doc_ids keep them apart, each one's positions start at 0).
+    Rows are right-padded to `length`, or to the longest. pixel_values / image_grid_thw (images in token order)
+    are there only when the batch has images, doc_ids only when a row holds several examples."""
+    B, T = len(rows), length or max(sum(len(e.input_ids) for e in row) for row in rows)
+    ids, labels, mask, docs = torch.full((B, T), pad_id), torch.full((B, T), -100), torch.zeros(B, T), torch.zeros(B, T)
+    mask, docs, pos, pixels, grids = mask.long(), docs.long(), torch.zeros(3, B, T, dtype=torch.long), [], []
+    for b, row in enumerate(rows):
+        t = 0
+        for d, e in enumerate(row, 1):
+            n = len(e.input_ids)
+            ids[b, t : t + n], labels[b, t : t + n], pos[:, b, t : t + n] = e.input_ids, e.labels, e.position_ids
+            mask[b, t : t + n], docs[b, t : t + n], t = 1, d, t + n
+            if e.pixel_values is not None:
+                pixels.append(e.pixel_values)
+                grids.append(e.image_grid_thw)
+    batch = dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos if mrope else pos[0])
+    if any(len(row) > 1 for row in rows):
+        batch["doc_ids"] = docs
+    if pixels:
+        batch["pixel_values"], batch["image_grid_thw"] = torch.cat(pixels), torch.cat(grids)
+    return batch
+
+
+def make_batch(rows: list[list[int]], samples: list[Sample], chat: Chat, cfg: DataConfig) -> dict:
+    """One planned batch, built whole in one worker: its images and its tokens never travel apart."""
+    examples = [[encode(samples[i], chat, cfg.max_length) for i in row] for row in rows]
+    return collate(examples, chat.pad_id, chat.mrope, cfg.max_length if cfg.pack else None)
+
+
+class Loader:
+    """One rank's batches, epoch after epoch: a disjoint shard, shuffled from (seed, epoch), packed or padded,
+    built by `num_workers` processes in plan order. `offset` counts this rank's samples consumed this epoch, up
+    to the last batch handed out; `batches(epoch, start=offset)` resumes right after it."""
+
+    def __init__(self, samples: list[Sample], chat: Chat, cfg: DataConfig, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0):
+        if not samples or any(s.tokens == 0 for s in samples):
+            raise ValueError("Loader takes the samples check_dataset returns (it measures them), and at least one")
+        self.samples, self.chat, self.cfg, self.num_workers = samples, chat, cfg, num_workers
+        self.rank, self.world_size, self.seed, self.offset = rank, world_size, seed, 0
+        self.lengths = [min(s.tokens, cfg.max_length) for s in samples]
+
+    def plan(self, epoch: int):
+        return plan(self.lengths, self.cfg, self.seed, epoch, self.rank, self.world_size)
+
+    def efficiency(self, epoch: int) -> float:
+        return efficiency(self.plan(epoch)[0], self.lengths, self.cfg)
+
+    def batches(self, epoch: int, start: int = 0):
+        batches, _ = self.plan(epoch)
+        ends = np.cumsum([0] + [sum(map(len, batch)) for batch in batches])  # samples consumed after each batch
+        first = int(np.searchsorted(ends, start))
+        if first == len(ends) or ends[first] != start:
+            raise ValueError(f"start={start} is not a batch boundary of epoch {epoch} on rank {self.rank}; "
+                             f"resume from a `loader.offset` saved by the same data settings")
+        make = functools.partial(make_batch, samples=self.samples, chat=self.chat, cfg=self.cfg)
+        workers = torch.utils.data.DataLoader(batches[first:], batch_size=None, collate_fn=make,
+                                              num_workers=self.num_workers)
+        self.offset = start
+        for b, batch in enumerate(workers, first):
+            self.offset = int(ends[b + 1])
+            yield batch
+
+
+# ---- the linter ----
+
+
+def main(argv=None) -> int:
+    """python data.py FILE... --model DIR [--data-root DIR] [...]: check a whole dataset, print a summary and every
+    problem as file:line: reason; exit status 1 when there is any."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("files", nargs="+", help=".json (one array) or .jsonl (one sample a line); LLaVA or ms-swift")
+    p.add_argument("--model", required=True, help="model dir: config.json, tokenizer files, chat template")
+    p.add_argument("--num-workers", type=int, default=0, help="processes that decode images")
+    for f in fields(DataConfig):  # one flag per DataConfig field, bools as --x/--no-x
+        kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default,
+                       **(dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)))
+    args = p.parse_args(argv)
+    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    chat = load_chat(args.model, cfg)
+    samples, problems = load_samples(args.files, cfg.data_root)
+    samples, summary, more = check_dataset(samples, chat, cfg, args.num_workers)
+    print(summary)
+    if samples:
+        loader = Loader(samples, chat, cfg)
+        print(f"{'packed' if cfg.pack else 'padded'} into {sum(map(len, loader.plan(0)[0]))} rows "
+              f"(batch size {cfg.batch_size}): {loader.efficiency(0):.1%} of the slots are real tokens")
+    problems = sorted(problems + more, key=lambda p: (p.where.rsplit(":", 1)[0], int(p.where.rsplit(":", 1)[1])))
+    if problems:
+        print(describe_problems(problems), *problems, sep="\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,12 +54,15 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     epochs: int = 1
     max_steps: int = 0  # 0 = as many as `epochs` passes over the data take
-    batch_size: int = 1  # sequences per micro-batch per rank (packed sequences with --packing)
+    batch_size: int = 1  # rows per micro-batch per rank (a row packs several samples with --pack)
     grad_accum: int = 1
     max_length: int = 2048
-    packing: bool = True
+    pack: bool = True
+    pack_window: int = 1024  # samples bin-packed together at a time
     max_pixels: int | None = None  # None: the model dir's preprocessor settings
     min_pixels: int | None = None
+    system_prompt: str | None = None  # None: as the chat template does ("" = none)
+    think: bool | None = None  # empty/with <think> block on the answer; None: as the chat template does
     clip_grad: float = 1.0
     dtype: str = "bfloat16"  # compute dtype; master weights, optimizer state and gradient reduction are fp32
     reshard_after_forward: bool = True  # False: keep gathered params from forward to backward (ZeRO-2-like)
@@ -178,17 +181,19 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 # checkpoints: atomic (written to step_N.tmp, renamed when complete), resumable, the last K kept
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: TrainConfig, rank: int, world: int):
+def save_checkpoint(out: Path, step: int, position: tuple[int, int], model, optimizer, scheduler, cfg: TrainConfig,
+                    rank: int, world: int):
     final, tmp = out / "checkpoints" / f"step_{step:08d}", out / "checkpoints" / f"step_{step:08d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(world)
     # trainable parameters and their optimizer state only: frozen ones are in --model already
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    model_sd, optim_sd = trainable_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng_{rank}.pt")
+    torch.save({"data": position, "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               tmp / f"rank_{rank}.pt")  # this rank's data position and random state
     barrier(world)
     if rank == 0:
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
@@ -199,22 +204,37 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, cfg: Trai
     barrier(world)
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> int:
+def trainable_state(model, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of the trainable parameters: ignore_frozen_params alone keeps a frozen
+    lm_head that is tied to the embeddings, which would put the embedding matrix in every stage-1 checkpoint."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
+
+
+def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> tuple[int, tuple[int, int]]:
+    """Restore the newest complete checkpoint; returns its step and this rank's data position (epoch, offset)."""
     done = sorted(out.glob("checkpoints/step_????????"))
     if not done:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
     path = done[-1]
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    model_sd, optim_sd = trainable_state(model, optimizer)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(ignore_frozen_params=True))
+    # frozen parameters are not in checkpoints (they come from --model): non-strict, then check it was just those
+    keys = set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                          options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    named = dict(model.named_parameters())  # tied lm_head.weight is an alias: not here, not saved
+    missing = {k for k in keys.missing_keys if k in named and named[k].requires_grad}
+    if keys.unexpected_keys or missing:
+        raise RuntimeError(f"{path}: does not fit the trainable parameters of this run (different --stage or "
+                           f"--train-* flags?): missing {sorted(missing)[:5]}, unexpected {keys.unexpected_keys[:5]}")
     trainer = json.loads((path / "trainer.json").read_text())
     scheduler.load_state_dict(trainer["scheduler"])
-    rng = torch.load(path / f"rng_{rank}.pt", weights_only=False)
+    rng = torch.load(path / f"rank_{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return trainer["step"]
+    return trainer["step"], tuple(rng["data"])
 
 
 def save_hf(out: Path, model, hf_config: dict, dtype: torch.dtype, cfg: TrainConfig, rank: int) -> None:
@@ -263,13 +283,28 @@ def main(cfg: TrainConfig) -> None:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    # data first: a broken dataset should fail before any weights are read
-    dataset = data.TrainData(cfg.data, cfg.model, data_root=cfg.data_root or None, max_length=cfg.max_length,
-                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, skip_invalid=cfg.skip_invalid,
-                             log=print if rank == 0 else None)
-    global_batch = world * cfg.batch_size * cfg.grad_accum  # sequences (packed or padded) per optimizer step
-    steps_per_epoch = dataset.steps_per_epoch(global_batch, packing=cfg.packing)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # data first: a broken dataset fails before any weights are read (the same check as `python data.py`)
+    dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data.DataConfig)})
+    chat = data.load_chat(cfg.model, dcfg)
+    samples, problems = data.load_samples(cfg.data, dcfg.data_root)
+    samples, summary, more = data.check_dataset(samples, chat, dcfg, cfg.num_workers)
+    problems += more
+    if rank == 0:
+        print(summary)
+    if problems:
+        if rank == 0:
+            print(data.describe_problems(problems), *problems[:50], sep="\n")
+        if not cfg.skip_invalid:
+            raise SystemExit(f"refusing to train on {len(problems)} problem(s) in the data (listed above): fix "
+                             "them, or pass --skip-invalid to leave those samples out")
+        if rank == 0:
+            print(f"--skip-invalid: training without those samples, on {len(samples)}")
+    loader = data.Loader(samples, chat, dcfg, rank, world, cfg.seed, cfg.num_workers)
+    steps_per_epoch = [len(loader.plan(e)[0]) // cfg.grad_accum for e in range(cfg.epochs)]
+    total_steps = cfg.max_steps or sum(steps_per_epoch)
+    if rank == 0:
+        print(f"{total_steps} steps; epoch 0: {steps_per_epoch[0]} steps of {world} rank(s) x {cfg.grad_accum} "
+              f"micro-batch(es) x {cfg.batch_size} row(s), {loader.efficiency(0):.1%} of token slots real")
 
     model, hf_config, stored_dtype = load_model(cfg, world, device)
     parts = {}
@@ -290,12 +325,21 @@ def main(cfg: TrainConfig) -> None:
         betas=(0.9, 0.95), weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    step = load_checkpoint(out, model, optimizer, scheduler, rank) if cfg.resume else 0
+    step, position = load_checkpoint(out, model, optimizer, scheduler, rank) if cfg.resume else (0, (0, 0))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    batches = dataset.batches(rank=rank, world_size=world, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-                              packing=cfg.packing, seed=cfg.seed, start_step=step, num_workers=cfg.num_workers)
+    def micro_batches(epoch: int, offset: int):
+        """This rank's batches from (epoch, offset) on, across epochs; grad_accum of them make a step."""
+        while True:
+            per_step = len(loader.plan(epoch)[0]) // cfg.grad_accum * cfg.grad_accum
+            for i, batch in enumerate(loader.batches(epoch, start=offset)):
+                if i >= per_step:  # a partial step at the end of an epoch is not taken
+                    break
+                yield epoch, batch
+            epoch, offset = epoch + 1, 0
+
+    batches = micro_batches(*position)
     amp = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if world == 1 and cfg.dtype != "float32"
            else torch.autocast(device.type, enabled=False))  # FSDP casts by its own policy
     n_params = sum(n for n, _ in parts.values())
@@ -304,7 +348,11 @@ def main(cfg: TrainConfig) -> None:
     model.train()
     t0, seen = time.perf_counter(), torch.zeros(2, device=device)  # real tokens and samples since the last log line
     while step < total_steps:
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        epoch, micro = None, []
+        for _ in range(cfg.grad_accum):
+            epoch, batch = next(batches)
+            micro.append(batch)
+        position = (epoch, loader.offset)  # where a resumed run picks up
         # the loss is summed over label tokens and divided by their count over every micro-batch and rank
         n_labels = all_sum(torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)),
                                         device=device), world)
@@ -325,7 +373,9 @@ def main(cfg: TrainConfig) -> None:
         bar.update()
 
         loss = (all_sum(loss_sum, world) / n_labels.clamp(min=1)).item()
-        seen += torch.tensor([sum(b["num_tokens"] for b in micro), sum(b["num_samples"] for b in micro)], device=device)
+        seen += torch.tensor([sum(float(b["attention_mask"].sum()) for b in micro),  # real tokens
+                              sum(float(b["doc_ids"].amax(-1).sum()) if "doc_ids" in b else len(b["input_ids"])
+                                  for b in micro)], device=device)  # samples: documents of packed rows
         if step % cfg.log_every == 0 or step == total_steps:
             dt, t0 = time.perf_counter() - t0, time.perf_counter()
             tokens, samples = all_sum(seen, world).tolist()
@@ -339,7 +389,7 @@ def main(cfg: TrainConfig) -> None:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(out, step, model, optimizer, scheduler, cfg, rank, world)
+            save_checkpoint(out, step, position, model, optimizer, scheduler, cfg, rank, world)
     bar.close()
     save_hf(out, model, hf_config, stored_dtype, cfg, rank)
     if rank == 0:
