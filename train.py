@@ -307,13 +307,14 @@ def main(cfg: TrainConfig) -> None:
               f"micro-batch(es) x {cfg.batch_size} row(s), {loader.efficiency(0):.1%} of token slots real")
 
     model, hf_config, stored_dtype = load_model(cfg, world, device)
-    parts = {}
+    parts = {}  # part -> [parameters, trainable] (a DTensor's numel is its full size, not the shard's)
     for name, p in model.named_parameters():
-        n, t = parts.get(part_of(name), (0, 0))
-        parts[part_of(name)] = (n + p.numel() * world if world > 1 else n + p.numel(), t + p.requires_grad)
+        counts = parts.setdefault(part_of(name), [0, 0])
+        counts[0] += p.numel()
+        counts[1] += p.numel() if p.requires_grad else 0
     if rank == 0:
         for part, (n, trainable) in parts.items():
-            print(f"{part:>7}: {n / 1e6:9.2f}M parameters, {'trainable' if trainable else 'frozen'}")
+            print(f"{part:>7}: {n / 1e6:9.3f}M parameters, {trainable / 1e6:9.3f}M trainable")
 
     groups = {}
     for name, p in model.named_parameters():
@@ -329,30 +330,33 @@ def main(cfg: TrainConfig) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
     def micro_batches(epoch: int, offset: int):
-        """This rank's batches from (epoch, offset) on, across epochs; grad_accum of them make a step."""
+        """This rank's batches from (epoch, offset) on, across epochs, each with the position right after it;
+        grad_accum batches make a step, and an epoch's last partial step is not taken."""
         while True:
-            per_step = len(loader.plan(epoch)[0]) // cfg.grad_accum * cfg.grad_accum
-            for i, batch in enumerate(loader.batches(epoch, start=offset)):
-                if i >= per_step:  # a partial step at the end of an epoch is not taken
+            plan = loader.plan(epoch)[0]
+            done = int(np.searchsorted(np.cumsum([0] + [sum(map(len, b)) for b in plan]), offset))  # batches before
+            full = len(plan) // cfg.grad_accum * cfg.grad_accum
+            for i, batch in enumerate(loader.batches(epoch, start=offset), done):
+                if i >= full:
                     break
-                yield epoch, batch
+                yield batch, (epoch, loader.offset) if i + 1 < full else (epoch + 1, 0)
             epoch, offset = epoch + 1, 0
 
     batches = micro_batches(*position)
     amp = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if world == 1 and cfg.dtype != "float32"
            else torch.autocast(device.type, enabled=False))  # FSDP casts by its own policy
-    n_params = sum(n for n, _ in parts.values())
+    n_params = sum(n for n, _ in parts.values())  # for MFU
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
     model.train()
     t0, seen = time.perf_counter(), torch.zeros(2, device=device)  # real tokens and samples since the last log line
     while step < total_steps:
-        epoch, micro = None, []
+        micro = []
         for _ in range(cfg.grad_accum):
-            epoch, batch = next(batches)
+            batch, position = next(batches)  # position: where a run resumed after this step picks up
             micro.append(batch)
-        position = (epoch, loader.offset)  # where a resumed run picks up
         # the loss is summed over label tokens and divided by their count over every micro-batch and rank
         n_labels = all_sum(torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)),
                                         device=device), world)

@@ -127,8 +127,10 @@ def test_text_only_rank_beside_image_rank(model_dir, tmp_path):
 
 
 def test_resume_equals_uninterrupted(model_dir, tmp_path):
-    data = write_dataset(tmp_path / "d", 6)
-    full = config(model_dir, data, tmp_path / "full", stage=2, max_steps=5, save_every=2, keep_last=5)
+    """5 samples, 2 micro-batches a step: 2 steps an epoch and one sample left over, which the run skips; the
+    step-2 checkpoint sits exactly at the end of epoch 0, so resuming must start epoch 1, not the leftover."""
+    data = write_dataset(tmp_path / "d", 5)
+    full = config(model_dir, data, tmp_path / "full", stage=2, epochs=3, grad_accum=2, save_every=2, keep_last=5)
     train.main(full)
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     # a run "killed" after step 2: only its step-2 checkpoint (and a half-written one, which must be ignored)
