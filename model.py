@@ -112,14 +112,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_mask(
     q_len: int, k_len: int, padding: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
 ) -> torch.Tensor | None:
-    """The mask for every case, True = may attend; None = plain causal (SDPA's own is_causal).
+    """The mask for every case, True = may attend; None = nothing to mask beyond causality, which attend()
+    gets from SDPA's is_causal (q_len == k_len) or needs none at all (q_len == 1: one decoded token sees the cache).
 
     The last q_len of k_len positions are the queries, so causality is aligned bottom-right: with a cache,
     query i sits at absolute position k_len - q_len + i. padding (B, k_len): 1 for real tokens, 0 for pads
     (left or right). doc_ids (B, k_len): packed documents, a token sees only its own document.
     """
-    if padding is None and doc_ids is None and q_len == k_len:
-        return None
+    if padding is None and doc_ids is None and (q_len == k_len or q_len == 1):
+        return None  # the common decode step builds no mask
     device = padding.device if padding is not None else doc_ids.device if doc_ids is not None else None
     q_pos = torch.arange(k_len - q_len, k_len, device=device)
     k_pos = torch.arange(k_len, device=device)
@@ -146,7 +147,9 @@ def attend(q, k, v, mask: torch.Tensor | None, cu_seqlens=None) -> torch.Tensor:
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (T, nh, hd): the varlen layout
         y = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
         return y.transpose(0, 1)[None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    # is_causal is top-left aligned in SDPA: right for a full square, wrong for one query against a cache
+    causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
 class KVCache:
@@ -155,6 +158,8 @@ class KVCache:
     `length` tokens are stored; a forward of T new tokens writes slots [length, length + T) and advances it.
     `rope_delta` (B, 1) is the VLM's 3-D position offset: a new token's position = its index among the real
     tokens + rope_delta (HF's rope_deltas); it is set by the prefill forward.
+    `dtype` may be wider than the model's: attention then runs in it. On CPU keep fp32 for a bf16 model: PyTorch's
+    CPU attention kernel is ~10x slower in bf16 for a one-token query, and bf16 keys/values are exact in fp32.
     """
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -205,8 +210,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, nh, hd) -> (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attend(q, k, v, mask, cu_seqlens)
+            k, v = cache.update(self.layer, k, v)  # in the cache's dtype (see KVCache)
+        y = attend(q.to(k.dtype), k, v, mask, cu_seqlens).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -421,16 +426,22 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """Read an HF config.json (Qwen3 / Qwen2 LLMs, Qwen2.5-VL, Qwen3-VL). This and vision_config_from_hf below
-    are the only code that knows HF config keys."""
+    """Read an HF config.json (Qwen3 / Qwen2 LLMs, Qwen2.5-VL, Qwen3-VL, and the pairs `convert.py assemble`
+    writes). This and vision_config_from_hf below are the only code that knows HF config keys."""
     model_type = hf.get("model_type", "")
     text = hf.get("text_config") or hf  # Qwen2.5-VL's own config.json keeps the text keys at the top level
     rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"RoPE scaling {rope} is not implemented (only plain RoPE and M-RoPE)")
     is_vl = "vision_config" in hf
-    qwen3 = model_type.startswith("qwen3")  # Qwen3 / Qwen3-VL decoder: QK-norm, no biases
+    # Qwen3 decoder (QK-norm, no biases) or Qwen2 (q/k/v biases); an assembled pair names it in text_config
+    qwen3 = (text.get("model_type") or model_type).startswith("qwen3")
+    # the 3-D position scheme is the vision family's: Qwen3-VL (a learned pos-embed table) interleaves the T/H/W
+    # frequencies (transformers always does; 4.57 never reads the flag), Qwen2.5-VL gives each axis a section
+    interleaved = is_vl and bool(hf["vision_config"].get("num_position_embeddings"))
     mrope = ()
     if is_vl:
-        mrope = tuple(rope.get("mrope_section") or ((24, 20, 20) if qwen3 else (16, 24, 24)))
+        mrope = tuple(rope.get("mrope_section") or ((24, 20, 20) if interleaved else (16, 24, 24)))
     tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
     text_cfg = TextConfig(
         vocab_size=text["vocab_size"],
@@ -447,8 +458,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         qkv_bias=not qwen3 or bool(text.get("attention_bias", False)),
         qk_norm=qwen3,
         mrope_section=mrope,
-        # transformers always interleaves Qwen3-VL's frequencies (4.57 never reads the flag)
-        mrope_interleaved=is_vl and qwen3,
+        mrope_interleaved=interleaved,
     )
     if not is_vl:
         return ModelConfig(text=text_cfg)
