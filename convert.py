@@ -12,6 +12,7 @@ merger), `lm_head` the output matrix. Every layout we meet maps onto it with a f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,13 +32,13 @@ from safetensors import safe_open
 import model as M  # model.py imports this module too; M is only used inside functions, so the cycle is harmless
 from merger import PatchMerger
 
-# first match wins; the right side is our name's prefix
+# checkpoint prefix -> ours; the first that matches wins
 NAME_RULES = [
-    (re.compile(r"^model\.language_model\."), "model."),
-    (re.compile(r"^model\.visual\."), "visual."),
-    (re.compile(r"^visual\."), "visual."),
-    (re.compile(r"^model\."), "model."),
-    (re.compile(r"^lm_head\."), "lm_head."),
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+    ("visual.", "visual."),
+    ("model.", "model."),
+    ("lm_head.", "lm_head."),
 ]
 # saving is the inverse, one table per layout: our prefix -> the checkpoint's
 SAVE_PREFIXES = {
@@ -51,9 +52,9 @@ OLD_LAYOUT_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 def our_name(hf_name: str) -> str | None:
     """The name of our parameter that an HF tensor fills, or None when no rule knows it."""
-    for pattern, prefix in NAME_RULES:
-        if pattern.match(hf_name):
-            return pattern.sub(prefix, hf_name, count=1)
+    for theirs, ours in NAME_RULES:
+        if hf_name.startswith(theirs):
+            return ours + hf_name[len(theirs):]
     return None
 
 
@@ -88,40 +89,34 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> dict[str, torch.Tensor]:
     """Read a checkpoint into a state dict with `model`'s names, strictly: every tensor of the file fills a
-    parameter, every parameter is filled, shapes agree; otherwise one error lists every problem.
-
-    Tensors are read one at a time (safe_open), converted and moved, so peak memory is one copy of the
-    weights. A tied model takes its output matrix from the embeddings; a stored lm_head.weight must then equal
-    them (it is checked and dropped).
-    """
+    parameter, every parameter is filled, shapes agree; otherwise one error lists every problem. Tensors are read
+    one at a time (safe_open), converted and moved, so peak memory is one copy of the weights. A tied model takes
+    its output matrix from the embeddings; a stored lm_head.weight must then equal them (checked, then dropped)."""
     path = Path(path)
     files = checkpoint_files(path)
-    expected = {name: p for name, p in model.state_dict(keep_vars=True).items()}
-    tied = getattr(model.cfg.text, "tie_word_embeddings", False)
+    expected = model.state_dict(keep_vars=True)
+    tied = model.cfg.text.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight")
-
     state, unexpected, misshaped, dropped = {}, [], [], None
-    handles = {}
-    try:
-        for hf_name, file in sorted(files.items()):
-            f = handles.get(file) or handles.setdefault(file, safe_open(file, framework="pt", device="cpu"))
-            name = our_name(hf_name)
+    with contextlib.ExitStack() as stack:
+        opened = {file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+                  for file in set(files.values())}
+        for key, file in sorted(files.items()):
+            f, name = opened[file], our_name(key)
             if tied and name == "lm_head.weight":
-                dropped = f.get_tensor(hf_name)
+                dropped = f.get_tensor(key)
                 continue
             if name not in expected:
-                unexpected.append(hf_name)
+                unexpected.append(key)
                 continue
-            shape = tuple(f.get_slice(hf_name).get_shape())
-            if shape != tuple(expected[name].shape):
-                misshaped.append(f"{hf_name}: checkpoint {shape} vs model {tuple(expected[name].shape)}")
+            shape, want = tuple(f.get_slice(key).get_shape()), tuple(expected[name].shape)
+            if shape != want:
+                misshaped.append(f"{key}: checkpoint {shape} vs model {want}")
                 state[name] = None  # present, just wrong: not also reported missing
                 continue
-            t = f.get_tensor(hf_name)
+            t = f.get_tensor(key)
             state[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
-    finally:
-        handles.clear()
     missing = sorted(set(expected) - set(state))
     if missing or unexpected or misshaped:
         lines = [f"{path}: checkpoint does not fit the model ({type(model).__name__} built from config.json)"]
@@ -133,10 +128,8 @@ def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> di
     if dropped is not None:
         embed = state["model.embed_tokens.weight"]
         if not torch.equal(dropped.to(embed.device, embed.dtype), embed):
-            raise ValueError(
-                f"{path}: tie_word_embeddings is true but the stored lm_head.weight differs from "
-                "embed_tokens.weight; set tie_word_embeddings false in config.json to keep both"
-            )
+            raise ValueError(f"{path}: tie_word_embeddings is true but the stored lm_head.weight differs from "
+                             "embed_tokens.weight; set tie_word_embeddings false in config.json to keep both")
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]  # the model ties them again after loading
     return state

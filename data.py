@@ -82,14 +82,13 @@ def image_config_from_dir(path, patch_size: int | None = None, min_pixels: int |
         size = d.get("size") or {}
         d = {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge"), **d}
         kw = {k: v if d.get(k) is None else d[k] for k, v in HF_CLASS_DEFAULTS.items()}
-        kw["patch_size"] = kw["patch_size"] if patch_size is None else patch_size
     elif patch_size in FAMILY_DEFAULTS:
         kw = dict(FAMILY_DEFAULTS[patch_size], patch_size=patch_size)
     else:
         raise ValueError(f"{path} has no preprocessor_config.json and patch_size={patch_size} names no family: "
                          f"pass patch_size=14 (Qwen2.5-VL) or 16 (Qwen3-VL)")
-    kw["min_pixels"] = kw["min_pixels"] if min_pixels is None else min_pixels
-    kw["max_pixels"] = kw["max_pixels"] if max_pixels is None else max_pixels
+    given = dict(patch_size=patch_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    kw |= {k: v for k, v in given.items() if v is not None}
     kw["image_mean"], kw["image_std"] = tuple(map(float, kw["image_mean"])), tuple(map(float, kw["image_std"]))
     return ImageConfig(**kw)
 
@@ -108,9 +107,9 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     """(h, w) to resize to: multiples of `factor`, h*w within [min_pixels, max_pixels] (a very long, thin image
     can overshoot max_pixels: no side goes below `factor`), aspect kept as well as can be. Same arithmetic as
     transformers: Python's round() is banker's rounding (70/28 = 2.5 -> 2)."""
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image of {height}x{width} (h x w) has aspect ratio "
-                         f"{max(height, width) / min(height, width):.1f}; the limit is 200: crop or pad it")
+    if (ratio := max(height, width) / min(height, width)) > 200:
+        raise ValueError(f"image of {height}x{width} (h x w) has aspect ratio {ratio:.1f}; the limit is 200: "
+                         "crop or pad it")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
@@ -124,10 +123,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB copy of `img`, as transformers 5.23 makes it (image_transforms.convert_to_rgb): anything with alpha (an
-    A band: RGBA, LA, PA; or a `transparency` key: P/L/RGB colour keys) is composited on white; every other mode
-    goes through PIL's convert("RGB"), which replicates L, looks up P, converts CMYK naively (no ICC) and *clips*
-    16/32-bit greys (I;16, I, F) to 0..255 rather than scaling them. ARCHITECTURE.md says qwen-vl-utils composites
-    RGBA on white; transformers does that for every kind of alpha, and so do we."""
+    A band, or a `transparency` key) is composited on white; every other mode goes through PIL's convert("RGB"),
+    which converts CMYK naively (no ICC) and *clips* 16/32-bit greys (I;16, I, F) to 0..255 rather than scaling."""
     if "A" in img.getbands() or img.info.get("transparency") is not None:
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
@@ -280,6 +277,7 @@ def load_chat(path, cfg: DataConfig) -> Chat:
 
 IMAGE = "<image>"  # the placeholder both formats put where an image goes
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+SWIFT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}  # already ours
 SAMPLE_KEYS = {"id", "image", "images", "conversations", "messages"}
 
 
@@ -362,11 +360,11 @@ def parse_sample(where: str, raw, root: Path) -> tuple[Sample | None, list[Probl
             "a sample has `conversations` (LLaVA) or `messages` (ms-swift)" + (", not both" if both else ""))
         return None, out
     llava = "conversations" in raw
-    turns = raw["conversations" if llava else "messages"]
-    role_key, text_key = ("from", "value") if llava else ("role", "content")
+    field, role_key, text_key = ("conversations", "from", "value") if llava else ("messages", "role", "content")
+    roles, turns = LLAVA_ROLES if llava else SWIFT_ROLES, raw[field]
     if not isinstance(turns, list) or not turns:
-        return None, out + [Problem(where, "empty conversation", f"{'conversations' if llava else 'messages'} "
-                                                                 f"is {preview(turns)}")]
+        bad("empty conversation", f"{field} is {preview(turns)}")
+        return None, out
     messages = []
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
@@ -374,11 +372,9 @@ def parse_sample(where: str, raw, root: Path) -> tuple[Sample | None, list[Probl
             continue
         if extra := sorted(turn.keys() - {role_key, text_key}):
             bad("unknown field", f"turn {k}: {', '.join(map(repr, extra))}")
-        role = turn[role_key]
-        role = LLAVA_ROLES.get(role) if llava else role if role in ("system", "user", "assistant") else None
+        role = roles.get(turn[role_key]) if isinstance(turn[role_key], str) else None
         if role is None:
-            bad("unknown role", f"turn {k}: {turn[role_key]!r}, expected one of "
-                                f"{', '.join(LLAVA_ROLES if llava else ('system', 'user', 'assistant'))}")
+            bad("unknown role", f"turn {k}: {turn[role_key]!r}, expected one of {', '.join(roles)}")
         elif not isinstance(turn[text_key], str):
             bad("bad field", f"turn {k}: {text_key} is {preview(turn[text_key])}, not a string")
         else:
@@ -443,7 +439,8 @@ def render(sample: Sample, chat: Chat, counts: list[int]) -> tuple[list[int], li
 
     def add(s: str, learn: bool = False):
         nonlocal text
-        learned.extend([(len(text), len(text) + len(s))] if learn else [])
+        if learn:
+            learned.append((len(text), len(text) + len(s)))
         text += s
 
     for i, (role, content) in enumerate(messages):
@@ -580,9 +577,8 @@ def encode(sample: Sample, chat: Chat, max_length: int) -> Example:
 
 
 def pack(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Bin-pack items of these lengths into rows of `capacity`: best-fit decreasing (longest first, each into
-    the fullest row it still fits). Returns rows of item indices; with a realistic mix the rows come out nearly
-    full, where concatenating in order would leave a gap at every row end an item does not fit."""
+    """Bin-pack items of these lengths into rows of `capacity` (lists of item indices), best-fit decreasing: longest
+    first, each into the fullest row it still fits; rows come out nearly full, unlike concatenating in order."""
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (free slots, row), sorted: bisect finds the tightest fit
     for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
@@ -610,12 +606,15 @@ def plan(lengths: list[int], cfg: DataConfig, seed: int, epoch: int, rank: int =
     per_rank = []
     for r in range(world_size):
         shard = order[r::world_size].tolist()
-        rows = [] if cfg.pack else [[i] for i in shard]
-        for w in range(0, len(shard) if cfg.pack else 0, cfg.pack_window):
-            window = shard[w : w + cfg.pack_window]
-            bins = [[window[j] for j in row] for row in pack([lengths[i] for i in window], cfg.max_length)]
-            np.random.default_rng([seed, epoch, r, w]).shuffle(bins)  # else the longest samples lead every window
-            rows += bins
+        if not cfg.pack:
+            rows = [[i] for i in shard]
+        else:
+            rows = []
+            for w in range(0, len(shard), cfg.pack_window):
+                window = shard[w : w + cfg.pack_window]
+                bins = [[window[j] for j in row] for row in pack([lengths[i] for i in window], cfg.max_length)]
+                np.random.default_rng([seed, epoch, r, w]).shuffle(bins)  # else the longest samples lead each window
+                rows += bins
         per_rank.append([rows[b : b + cfg.batch_size] for b in range(0, len(rows), cfg.batch_size)])
     n = min(len(batches) for batches in per_rank)
     return per_rank[rank][:n], sum(len(row) for batch in per_rank[rank][n:] for row in batch)
@@ -635,14 +634,15 @@ def collate(rows: list[list[Example]], pad_id: int, mrope: bool, length: int | N
     Rows are right-padded to `length`, or to the longest. pixel_values / image_grid_thw (images in token order)
     are there only when the batch has images, doc_ids only when a row holds several examples."""
     B, T = len(rows), length or max(sum(len(e.input_ids) for e in row) for row in rows)
-    ids, labels, mask, docs = torch.full((B, T), pad_id), torch.full((B, T), -100), torch.zeros(B, T), torch.zeros(B, T)
-    mask, docs, pos, pixels, grids = mask.long(), docs.long(), torch.zeros(3, B, T, dtype=torch.long), [], []
+    ids, labels = torch.full((B, T), pad_id), torch.full((B, T), -100)
+    mask, docs = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    pos, pixels, grids = torch.zeros(3, B, T, dtype=torch.long), [], []
     for b, row in enumerate(rows):
         t = 0
         for d, e in enumerate(row, 1):
-            n = len(e.input_ids)
-            ids[b, t : t + n], labels[b, t : t + n], pos[:, b, t : t + n] = e.input_ids, e.labels, e.position_ids
-            mask[b, t : t + n], docs[b, t : t + n], t = 1, d, t + n
+            at = slice(t, t + len(e.input_ids))  # this example's columns
+            ids[b, at], labels[b, at], pos[:, b, at] = e.input_ids, e.labels, e.position_ids
+            mask[b, at], docs[b, at], t = 1, d, at.stop
             if e.pixel_values is not None:
                 pixels.append(e.pixel_values)
                 grids.append(e.image_grid_thw)
