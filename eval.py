@@ -1,0 +1,424 @@
+"""Benchmark evaluation, offline, on VLMEvalKit's TSV files or LLaVA / ms-swift jsonl with reference answers.
+
+    python eval.py --model DIR --data MMStar.tsv ChartQA_TEST.tsv [--max-samples N] [--batch-size N] [--out DIR]
+
+Read top to bottom: settings -> reading rows -> prompts -> answer extraction and scorers -> the driver.
+A row with options (TSV columns A, B, ...; or a jsonl reference that is one letter) is multiple choice: the prompt
+lists the options and asks for the letter, the letter is found in the free-text answer, and it scores 1 when it is
+the reference letter. Every other row is short-answer and gets each of the scores benchmarks use; report the one
+your benchmark does (VLMEvalKit's choice in brackets):
+    exact_match       normalised answer == a normalised reference                        [GQA, OCRVQA]
+    relaxed_accuracy  numbers within 5% of a reference (units, %, 1,000s allowed), else exact_match  [ChartQA]
+    anls              1 - edit distance / length against the best reference, 0 below 0.5     [DocVQA, InfoVQA]
+    vqa_accuracy      min(1, references equal to the answer / 3), leave-one-out averaged     [TextVQA]
+    contains          a reference appears in the answer (case-insensitive)                   [OCRBench]
+--out gets <data stem>.jsonl (a line per sample: prompt, prediction, extracted letter, scores) and summary.json
+(the settings; per file: n, each score overall and per category, answers with no letter found, samples/s).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import base64
+import csv
+import dataclasses
+import io
+import json
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import sample
+
+
+@dataclass
+class EvalConfig:
+    model: str = ""  # HF-layout model dir (config.json, safetensors, tokenizer.json), e.g. train.py's --out
+    data: list[str] = field(default_factory=list)  # .tsv (VLMEvalKit) and .jsonl (LLaVA / ms-swift) files
+    data_root: str = ""  # relative image paths (jsonl, TSV image_path) are under it; "" = the data file's directory
+    out: str = "out/eval"
+    max_samples: int = 0  # per file; 0 = all
+    batch_size: int = 8
+    max_new_tokens: int = 64  # answers are a letter or a short phrase; a longer one is cut here
+    max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
+    dtype: str = "bfloat16"  # or float32
+    device: str = ""  # "" = cuda if available, else cpu
+
+
+def parse_args(argv=None) -> EvalConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(EvalConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(EvalConfig(), f.name)
+        if f.name == "data":
+            p.add_argument(flag, nargs="+", required=True)
+        else:
+            kind = {"int": int, "str": str}[f.type.split(" |")[0]]
+            p.add_argument(flag, type=kind, default=default, required=f.name == "model")
+    return EvalConfig(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading rows: every failure names the file, the row and what is wrong
+
+
+@dataclass
+class Sample:
+    where: str  # "MMStar.tsv row 17 (index 16)": for messages
+    index: str
+    turns: list[tuple[str, str]]  # (role, text); "<image>" in a text marks where an image goes
+    images: list  # base64 text (TSV `image` column) or Path, one per "<image>", decoded when its batch runs
+    refs: list[str]  # reference answers; multiple choice: the one letter
+    options: dict[str, str] = field(default_factory=dict)  # letter -> option text; {} for short-answer
+    category: str = ""
+
+
+def as_list(cell: str) -> list[str]:
+    """VLMEvalKit's cells for several values (images, reference answers) are Python / JSON lists in text."""
+    if not (cell.startswith("[") and cell.endswith("]")):
+        return [cell]
+    try:
+        items = ast.literal_eval(cell)
+    except (ValueError, SyntaxError):
+        return [cell]  # text that only looks like a list: a literal answer
+    return [str(x) for x in items] if isinstance(items, list) and items else [cell]
+
+
+def read_tsv(path: str | Path, max_samples: int = 0, root: str | Path = "") -> list[Sample]:
+    """VLMEvalKit TSV: index, question, answer, option columns A, B, ..., image (base64, a list of them, or the index
+    of a row with the same image) or image_path (under `root`, default the TSV's directory), optional hint, category."""
+    path = Path(path)
+    root = Path(root or path.parent)
+    csv.field_size_limit(2**31 - 1)  # a base64 image is megabytes; the csv module's default limit is 128 KiB
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of "index"
+        reader = csv.DictReader(f, delimiter="\t")
+        cols = reader.fieldnames or []
+        missing = [c for c in ("index", "question", "answer") if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)} column; a VLMEvalKit TSV has index, question, answer, "
+                             f"A, B, ... and image or image_path (this one has: {', '.join(cols)})")
+        rows = list(reader)
+    letters = [c for c in cols if len(c) == 1 and c in string.ascii_uppercase]
+    image_of = {r["index"]: r.get("image") or "" for r in rows}
+    samples, skipped = [], 0
+    for n, row in enumerate(rows, 1):
+        if max_samples and len(samples) == max_samples:
+            break
+        where = f"{path} row {n} (index {row['index']})"
+        extra = row.pop(None, [])  # csv.DictReader keeps surplus fields under None and fills missing ones with None
+        if extra or None in row.values():
+            raise ValueError(f"{where}: {sum(v is not None for v in row.values()) + len(extra)} fields where the "
+                             f"header has {len(row)}: a tab or a quote out of place")
+        if "image" in cols and not (row["image"] or row.get("image_path") or "").strip():
+            skipped += 1  # as VLMEvalKit does (ImageBaseDataset, skip_noimg): its scores leave these rows out
+            continue
+        try:
+            samples.append(tsv_sample(row, letters, image_of, root, where))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{where}: {e}") from None
+    if skipped:
+        print(f"{path}: {skipped} rows without an image left out, as VLMEvalKit leaves them out", file=sys.stderr)
+    return samples
+
+
+def tsv_sample(row: dict, letters: list[str], image_of: dict, root: Path, where: str) -> Sample:
+    cell = {k: v.strip() for k, v in row.items()}  # pandas writes a missing value (NaN) as an empty cell
+    question, answer = cell["question"], cell["answer"]
+    if not question or not answer:
+        raise ValueError("empty question or answer")
+    options = {c: cell[c] for c in letters if cell[c]}
+    if options and answer not in options:
+        raise ValueError(f"answer {answer!r} is not one of its options {', '.join(options)}")
+    image = cell.get("image", "")
+    if image and len(image) <= 64:  # VLMEvalKit stores a repeated image once; the others name that row's index
+        image = image_of.get(image, "")
+        if len(image) <= 64:
+            raise ValueError(f"image {cell['image']!r} names no row with an image")
+    paths = as_list(cell["image_path"]) if cell.get("image_path") else []
+    images = as_list(image) if image else [root / p for p in paths]
+    text = mcq_prompt(question, options, cell.get("hint", "")) if options else vqa_prompt(question)
+    refs = [answer] if options else as_list(answer)
+    # Qwen's VLMEvalKit prompts put every image first, then the text (MMMU's "<image 1>" stays in the text)
+    return Sample(where, cell["index"], [("user", "<image>" * len(images) + text)], images, refs, options,
+                  cell.get("category", ""))
+
+
+def open_image(src: str | Path):
+    """A row's image, decoded: base64 text (the TSV `image` column) or a file."""
+    return data.load_image(src if isinstance(src, Path) else io.BytesIO(base64.b64decode(src)))
+
+
+ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+
+
+def read_jsonl(path: str | Path, max_samples: int = 0, root: str | Path = "") -> list[Sample]:
+    """ms-swift ({"messages": [{"role", "content"}], "images"}) or LLaVA ({"conversations": [{"from", "value"}],
+    "image" or "images"}) lines; the last turn (assistant / gpt) is the reference answer, the turns before it the
+    prompt. "<image>" marks where each image goes (none: all images before the first user text). A one-letter
+    reference ("B", "(B)") that the prompt lists as an option ("B. ..." or "(B) ..." lines) is multiple choice."""
+    path, samples = Path(path), []
+    root = Path(root or path.parent)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if max_samples and len(samples) == max_samples:
+                break
+            if line.strip():
+                try:
+                    samples.append(jsonl_sample(json.loads(line), root, f"{path} line {n}"))
+                except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+                    raise ValueError(f"{path} line {n}: {e}") from None
+    return samples
+
+
+def jsonl_sample(rec: dict, root: Path, where: str) -> Sample:
+    turns = rec.get("messages") or rec.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("no 'messages' (ms-swift) or 'conversations' (LLaVA) list")
+    turns = [(t.get("role", t.get("from")), t.get("content", t.get("value"))) for t in turns]
+    if not all(r in ROLES and isinstance(text, str) for r, text in turns):
+        raise ValueError(f"a turn is not {{role: {'|'.join(ROLES)}, content: text}}: {turns}")
+    turns = [(ROLES[r], text) for r, text in turns]
+    *turns, (role, ref) = turns
+    if role != "assistant" or not any(r == "user" for r, _ in turns) or not ref.strip():
+        raise ValueError("the last turn must be the reference answer (assistant / gpt) after a user turn")
+    images = rec.get("images", rec.get("image", []))
+    images = [root / p for p in ([images] if isinstance(images, str) else images)]
+    marks = sum(text.count("<image>") for _, text in turns)
+    if marks == 0 and images:
+        u = next(i for i, (r, _) in enumerate(turns) if r == "user")
+        turns[u] = ("user", "<image>" * len(images) + turns[u][1])
+    elif marks != len(images):
+        raise ValueError(f"{marks} <image> placeholders but {len(images)} images")
+    letter = re.fullmatch(r"\(?([A-Z])\)?\.?", ref.strip())
+    options = dict(re.findall(r"^\s*\(?([A-Z])[.)]\s*(.+?)\s*$", turns[-1][1], re.M)) if letter else {}
+    if not letter or letter[1] not in options:  # a one-letter answer to an open question ("Which letter ...?")
+        options = {}
+    refs = [letter[1]] if options else [ref.strip()]
+    return Sample(where, str(rec.get("id", where.rsplit(" ", 1)[-1])), turns, images, refs, options,
+                  str(rec.get("category", "")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts, as VLMEvalKit builds them (ImageMCQDataset, ImageVQADataset) with LLaVA's multiple-choice instruction
+
+
+def mcq_prompt(question: str, options: dict[str, str], hint: str = "") -> str:
+    lines = ([f"Hint: {hint}"] if hint else []) + [f"Question: {question}", "Options:"]
+    lines += [f"{k}. {v}" for k, v in options.items()]
+    cjk = re.search(r"[\u4e00-\u9fff]", "".join(lines))  # Qwen2VLPromptMixin asks in Chinese for Chinese rows
+    return "\n".join(lines + ["请直接回答选项字母。" if cjk else
+                             "Answer with the option's letter from the given choices directly."])
+
+
+def vqa_prompt(question: str) -> str:
+    return f"{question}\nAnswer the question using a single word or phrase."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# answer extraction and scorers: pure functions of text
+
+
+def extract_choice(text: str, options: dict[str, str]) -> str | None:
+    """The option letter a free-text answer picks, or None when it names none or more than one. In order: the
+    answer is a letter ("b", "(C)", "D."); starts with one ("B. a cat", "(c) ..."); states one ("the answer is
+    (b)", "Answer: C", "option d", "\\boxed{B}"); holds exactly one capital option letter as a word, not counting
+    an article or pronoun ("A dog ...", "I think ..."); holds exactly one option's text (as VLMEvalKit's
+    can_infer_option, then can_infer_text). A lower-case letter counts only set off by punctuation ("is (b)",
+    "answer: c."), never as a word ("the answer is a cat")."""
+    t, letters = text.strip(), "".join(options)
+    lower_ok = r"(?=[)\].:;,*]|\s*$)"  # a lower-case letter must be set off: "(b)", "b.", "b" at the end
+    found = [re.fullmatch(r"[\s(\[*]*([A-Za-z])[\s)\].:*]*", t),
+             re.match(r"[(\[*]*([A-Za-z])(?:[)\].:]|\*\*)\s", t),
+             re.search(r"(?i:answer|option|choice)(?:\s+is)?\s*[:：]?\s*[(\[*]*(?:([A-Z])(?![\w'])|([a-z])"
+                       + lower_ok + ")", t),
+             re.search(r"\\boxed\{\s*([A-Za-z])\s*\}", t)]
+    for m in found:
+        if m and m[m.lastindex].upper() in letters:
+            return m[m.lastindex].upper()
+
+    def article(m):  # "A dog ..." opening a sentence, "I think ...": words, not options
+        opens = m[1] == "I" or t[: m.start()].rstrip()[-1:] in ("", ".", "!", "?")
+        return opens and re.match(r" (?!(?:is|was|and|or)\b)[a-z]", t[m.end():])
+    words = {m[1] for m in re.finditer(rf"(?<![A-Za-z0-9_'])([{letters}])(?![A-Za-z0-9_'])", t) if not article(m)}
+    if len(words) == 1:
+        return words.pop()
+    hits = [k for k, v in options.items() if re.search(rf"(?<!\w){re.escape(v.lower())}(?!\w)", t.lower())]
+    return hits[0] if len(hits) == 1 else None
+
+
+NUMBER_WORDS = dict(none="0", zero="0", one="1", two="2", three="3", four="4", five="5", six="6", seven="7",
+                    eight="8", nine="9", ten="10")
+
+
+def normalise(s: str) -> str:
+    """VQA-style normalisation: lower case, punctuation dropped (a decimal point and a thousands comma kept as a
+    number), number words zero..ten as digits, articles a / an / the dropped, whitespace collapsed."""
+    s = re.sub(r"(?<=\d),(?=\d{3})", "", s.lower())
+    words = re.findall(r"\d+(?:\.\d+)?|[^\W_]+", s)
+    return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def to_number(s: str) -> float | None:
+    """"1,234.5", "$12", "45%", "3.5 kg", "-2 million" -> the number (a percentage stays 45, not 0.45); else None."""
+    m = re.fullmatch(r"[$€£¥]?\s*([-+]?[\d,]*\.?\d+)\s*%?\s*([^\W\d_]+\.?\s*){0,3}", s.strip().rstrip("."))
+    ok = m and re.fullmatch(r"[-+]?(\d{1,3}(,\d{3})*|\d*)(\.\d+)?", m[1])  # commas only between thousands
+    return float(m[1].replace(",", "")) if ok else None
+
+
+def relaxed_match(pred: str, ref: str, tolerance: float = 0.05) -> bool:
+    """ChartQA's relaxed accuracy (pix2struct): a number within 5% of the reference number, else exact match.
+    Ours also reads units, currency and thousands separators, and "45%" meets both 45 and 0.45."""
+    p, r = to_number(pred), to_number(ref)
+    if p is None or r is None:
+        return normalise(pred) == normalise(ref)
+    ps, rs = [p, p / 100] if "%" in pred else [p], [r, r / 100] if "%" in ref else [r]
+    return any(abs(a - b) <= tolerance * abs(b) if b else a == 0 for a in ps for b in rs)
+
+
+def levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def anls(pred: str, ref: str, threshold: float = 0.5) -> float:
+    """DocVQA's ANLS term: 1 - normalised edit distance on lower-cased, whitespace-collapsed text; 0 below 0.5."""
+    p, r = " ".join(pred.lower().split()), " ".join(ref.lower().split())
+    score = 1 - levenshtein(p, r) / max(len(p), len(r), 1)
+    return score if score >= threshold else 0.0
+
+
+def vqa_accuracy(pred: str, refs: list[str]) -> float:
+    """VQA accuracy (VQAv2, TextVQA): min(1, matching human answers / 3), averaged over the leave-one-out subsets of
+    the (ten) references as the official evaluator does. With one reference it is exact match."""
+    p, rs = normalise(pred), [normalise(r) for r in refs]
+    if len(rs) == 1:
+        return float(p == rs[0])
+    return sum(min(1.0, sum(r == p for j, r in enumerate(rs) if j != i) / 3) for i in range(len(rs))) / len(rs)
+
+
+def score(pred: str, sample: Sample) -> dict:
+    """Per-sample scores (and for multiple choice the extracted letter; None = no letter found, scored 0) of the
+    answer after any <think> block (Qwen3's templates open every answer with one, empty or not)."""
+    pred = re.sub(r"^\s*<think>.*?</think>", "", pred, flags=re.S)
+    if sample.options:
+        choice = extract_choice(pred, sample.options)
+        return dict(choice=choice, accuracy=float(choice == sample.refs[0]))
+    p = pred.strip()
+    return dict(exact_match=float(any(normalise(p) == normalise(r) for r in sample.refs)),
+                relaxed_accuracy=float(any(relaxed_match(p, r) for r in sample.refs)),
+                anls=max(anls(p, r) for r in sample.refs),
+                vqa_accuracy=vqa_accuracy(p, sample.refs),
+                contains=float(any(r.lower().strip() in p.lower() for r in sample.refs)))
+
+
+def mean_scores(scores: list[dict]) -> dict:
+    """Each score's mean over the samples that have it (a file can mix multiple-choice and short-answer rows)."""
+    keys = dict.fromkeys(k for s in scores for k in s if k != "choice")
+    return {k: round(sum(s[k] for s in scores if k in s) / sum(k in s for s in scores), 4) for k in keys}
+
+
+def summarise(samples: list[Sample], scores: list[dict]) -> dict:
+    """n, the mean scores overall and per category, and how many multiple-choice answers gave no letter."""
+    out = dict(n=len(scores), **mean_scores(scores))
+    if any(s.options for s in samples):
+        out.update(multiple_choice=sum("choice" in s for s in scores),
+                   no_letter_found=sum(s.get("choice", "") is None for s in scores))
+    cats = sorted({s.category for s in samples if s.category})
+    if cats:
+        out["per_category"] = {c: dict(n=len(rows), **mean_scores(rows)) for c in cats
+                               for rows in [[sc for s, sc in zip(samples, scores) if s.category == c]]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the driver: prompts through sample.generate in batches, scores, files
+
+
+def messages_of(turns: list[tuple[str, str]], system: str = "") -> list[dict]:
+    """(role, text with <image> marks) -> sample.build_prompt's messages, an image item where each mark was;
+    `system` (the chat template's default system prompt) opens a conversation that has none."""
+    out = [dict(role="system", content=system)] if system and turns[0][0] != "system" else []
+    for role, text in turns:
+        first, *rest = text.split("<image>")
+        items = [dict(type="text", text=first)]
+        items += [x for t in rest for x in (dict(type="image"), dict(type="text", text=t))]
+        out.append(dict(role=role, content=[x for x in items if x.get("text") != ""]))
+    return out
+
+
+def predict(model, tokenizer, image_cfg, samples: list[Sample], cfg: EvalConfig, stop_ids, system: str,
+            desc: str = "") -> list[str]:
+    """Greedy answers, `batch_size` prompts at a time, left-padded (the same tokens as one at a time)."""
+    pad_id = tokenizer.token_to_id("<|endoftext|>") or 0  # any id: the mask hides it
+    preds, bar = [], tqdm(total=len(samples), desc=desc, unit="sample", file=sys.stderr)
+    for i in range(0, len(samples), cfg.batch_size):
+        rows, pixels, grids = [], [], []
+        for s in samples[i : i + cfg.batch_size]:
+            try:
+                images = [open_image(x) for x in s.images]
+                ids, pv, grid = sample.build_prompt(tokenizer, messages_of(s.turns, system), images, image_cfg)
+            except (ValueError, FileNotFoundError, OSError) as e:
+                raise ValueError(f"{s.where}: {e}") from None
+            rows.append(ids)
+            if pv is not None:
+                pixels.append(pv), grids.append(grid)
+        ids, mask = sample.pad_left(rows, pad_id)
+        pv, grid = (torch.cat(pixels), torch.cat(grids)) if pixels else (None, None)
+        out = sample.generate(model, ids, mask, pv, grid, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids)
+        preds += [tokenizer.decode(o) for o in out]
+        bar.update(len(rows))
+    bar.close()
+    return preds
+
+
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.out)
+    try:
+        stems = [Path(f).stem for f in cfg.data]
+        if len(set(stems)) < len(stems) or any(Path(f).suffix not in (".tsv", ".jsonl") for f in cfg.data):
+            raise ValueError(f"--data takes .tsv (VLMEvalKit) and .jsonl (LLaVA / ms-swift) files, each with its own "
+                             f"name (the predictions file is named after it): {cfg.data}")
+        # every file is read first, so that a bad row stops the run before any generation
+        datasets = {f: (read_tsv if f.endswith(".tsv") else read_jsonl)(f, cfg.max_samples, cfg.data_root)
+                    for f in cfg.data}
+        model, tokenizer, image_cfg = sample.load(cfg.model, device, getattr(torch, cfg.dtype))
+        if cfg.max_pixels and image_cfg is not None:
+            image_cfg = dataclasses.replace(image_cfg, max_pixels=cfg.max_pixels,
+                                            min_pixels=min(image_cfg.min_pixels, cfg.max_pixels))
+        system = data.template_defaults(data.read_chat_template(cfg.model))[0]
+        stop_ids = sample.stop_token_ids(cfg.model)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = dict(config=dataclasses.asdict(cfg), results={})
+        for f, samples in datasets.items():
+            t0 = time.perf_counter()
+            preds = predict(model, tokenizer, image_cfg, samples, cfg, stop_ids, system, Path(f).name)
+            seconds = time.perf_counter() - t0
+            scores = [score(p, s) for p, s in zip(preds, samples)]
+            with open(out / f"{Path(f).stem}.jsonl", "w", encoding="utf-8") as fh:
+                for s, p, sc in zip(samples, preds, scores):
+                    fh.write(json.dumps(dict(index=s.index, category=s.category, prompt=s.turns, prediction=p,
+                                             refs=s.refs, **sc), ensure_ascii=False) + "\n")
+            result = summarise(samples, scores)
+            result.update(seconds=round(seconds, 2), samples_per_s=round(len(samples) / max(seconds, 1e-9), 3))
+            summary["results"][f] = result
+            print(f"{f}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "per_category"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        return summary
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Sampling from a model dir: one prefill pass over text + images, then one token at a time from a preallocated
+KV cache. Streams to the terminal, or is called as a library (eval.py batches prompts through `generate`).
+
+    python sample.py --model DIR --image x.jpg [--image y.jpg ...] --prompt "Describe the image."
+    python sample.py --model DIR             # no --prompt: a multi-turn chat; `/image PATH` attaches an image
+
+The library, for eval.py and notebooks:
+    generate(model, input_ids (B, T) left-padded, attention_mask (B, T) | None = None, pixel_values=None,
+             image_grid_thw=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=(),
+             seed=None, on_token=None, compile=False) -> list[list[int]]      # each row's new tokens, no stop id
+    stop_token_ids(model_dir) -> list[int]             # eos ids of generation_config.json and config.json
+    build_prompt(tokenizer, messages, images=(), image_cfg=None)
+        -> (ids: list[int], pixel_values (N, C*T*p*p) | None, image_grid_thw (n_images, 3) | None)
+        messages: [{"role": "system" | "user" | "assistant",
+                    "content": str | [{"type": "image"}, {"type": "text", "text": ...}, ...]}, ...]
+        images: PIL images, one per {"type": "image"} item, in order; image_cfg: load()'s
+    pad_left(rows: list[list[int]], pad_id) -> (input_ids (B, T), attention_mask (B, T))
+    load(model_dir, device, dtype) -> (model, tokenizer, image_cfg | None)
+
+Numerics: with --dtype float32 the greedy tokens are transformers' generate(do_sample=False) tokens (tests/
+test_sample.py). bfloat16, the default and the checkpoints' own dtype, halves the weight bytes read per decoded
+token, which is what sets batch-1 decoding speed; on CPU the KV cache and attention stay fp32 (PyTorch's CPU
+attention is ~10x slower in bf16 for one query). Logits are sampled in fp32. bench/sample_speed.py measures it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+import data
+import model as M
+
+
+@dataclass
+class SampleConfig:
+    model: str = ""  # HF-layout model dir: config.json, safetensors, tokenizer.json (+ preprocessor_config.json)
+    image: list[str] = field(default_factory=list)  # images for the (first) user turn, in order
+    prompt: str = ""  # "" = interactive chat
+    system: str = ""  # "" = the chat template's default (Qwen2.5-VL: "You are a helpful assistant."; Qwen3: none)
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int = 0
+    max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
+    dtype: str = "bfloat16"  # or float32 (exactly transformers' greedy tokens)
+    device: str = ""  # "" = cuda if available, else cpu
+    compile: bool = True  # torch.compile the decode step (CUDA only; on CPU the step is bound by weight reads)
+
+
+def parse_args(argv=None) -> SampleConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(SampleConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(SampleConfig(), f.name)
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "image":
+            p.add_argument(flag, action="append", default=[], metavar="PATH")
+        else:
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default,
+                           required=f.name == "model")
+    return SampleConfig(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the model dir: weights, tokenizer, image settings, stop tokens
+
+
+def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16):
+    """(model, tokenizer, image_cfg or None for a text-only LLM) from a model dir; errors name what is missing."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model dir not found: {path}")
+    try:
+        model = M.from_pretrained(path, device=device, dtype=dtype)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:  # a config.json that is not a Qwen model's
+        raise ValueError(f"{path}: not a Qwen model dir ({type(e).__name__}: {e} in config.json)") from e
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (copy the tokenizer files of the base model here)")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    image_cfg = None
+    if model.visual is not None:
+        image_cfg = data.image_config_from_dir(path, patch_size=model.cfg.vision.patch_size)
+        if tokenizer.token_to_id("<|image_pad|>") != model.cfg.image_token_id:
+            raise ValueError(f"{path}: config.json's image_token_id {model.cfg.image_token_id} is not "
+                             f"tokenizer.json's <|image_pad|> ({tokenizer.token_to_id('<|image_pad|>')})")
+    return model, tokenizer, image_cfg
+
+
+def stop_token_ids(model_dir) -> list[int]:
+    """The end-of-sequence ids of generation_config.json and config.json (top level or text_config), in that
+    order, without repeats: Qwen's chat models end a turn with <|im_end|> and a document with <|endoftext|>."""
+    ids = []
+    for name in ("generation_config.json", "config.json"):
+        file = Path(model_dir) / name
+        if file.is_file():
+            cfg = json.loads(file.read_text())
+            for eos in (cfg.get("eos_token_id"), (cfg.get("text_config") or {}).get("eos_token_id")):
+                ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return list(dict.fromkeys(ids))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts: Qwen's ChatML, each image a <|vision_start|> <|image_pad|> x N <|vision_end|> block
+
+
+def render(messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """ChatML text of a conversation as Qwen's chat templates write it, with one <|image_pad|> per image item
+    (a default system prompt is the caller's: see data.template_defaults)."""
+    text = ""
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):  # a list of items: images become one placeholder each
+            content = "".join("<|vision_start|><|image_pad|><|vision_end|>" if item.get("type") == "image"
+                              else item.get("text", "") for item in content)
+        text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
+    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def build_prompt(tokenizer: Tokenizer, messages: list[dict], images: Sequence = (), image_cfg=None):
+    """Token ids of the conversation ready for the assistant's answer, and the images' pixel values.
+
+    As transformers' processor does, each <|image_pad|> is expanded to the image's token count (grid t*h*w /
+    merge^2) before tokenising, so the ids are the ones a transformers pipeline would feed the model."""
+    text = render(messages)
+    n_slots = text.count("<|image_pad|>")
+    if n_slots != len(images):
+        raise ValueError(f"the messages have {n_slots} image items but {len(images)} images were given")
+    pixel_values = grid = None
+    if images:
+        if image_cfg is None:
+            raise ValueError("this model has no vision tower (a text-only LLM): it cannot take images")
+        pixel_values, grid = data.preprocess_images(list(images), image_cfg)
+        parts = text.split("<|image_pad|>")
+        counts = data.num_image_tokens(grid, image_cfg.merge_size)
+        text = parts[0] + "".join("<|image_pad|>" * n + part for n, part in zip(counts, parts[1:]))
+    return tokenizer.encode(text, add_special_tokens=False).ids, pixel_values, grid
+
+
+def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (input_ids, attention_mask) (B, T), padded on the left so that every
+    row's next token is generated at the same column."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r) :], mask[i, T - len(r) :] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """(B, vocab) fp32 logits -> (B,) next tokens: argmax at temperature 0, else a sample after temperature,
+    top-k and top-p (nucleus) cuts, in transformers' order."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:  # keep the k largest (and anything tied with the k-th)
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:  # keep the most likely tokens until their probability mass reaches top_p (at least one)
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the mass before this token already reaches top_p
+        drop[:, 0] = False  # top_p <= 0 still leaves the most likely token, as in transformers
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def decode_step(model: M.VLM, tokens: torch.Tensor, cache: M.KVCache, mask: torch.Tensor | None) -> torch.Tensor:
+    """tokens (B, 1) -> next-token logits (B, vocab) fp32; appends to the cache. The function compiled on CUDA."""
+    return model(tokens, attention_mask=mask, cache=cache)[:, -1].float()
+
+
+@functools.cache
+def compiled_decode_step():
+    """decode_step through torch.compile, made once per process. dynamic=True: one graph for every cache length
+    (the slices of the cache grow by one a step) instead of a recompile per step."""
+    return torch.compile(decode_step, dynamic=True)
+
+
+@torch.no_grad()
+def generate(model: M.VLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None,
+             image_grid_thw=None, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, stop_ids: Sequence[int] = (), seed: int | None = None,
+             on_token: Callable[[int, int], None] | None = None, compile: bool = False) -> list[list[int]]:
+    """Each row's new tokens, cut *before* its first stop id (the stop id itself is not returned).
+
+    input_ids (B, T) are left-padded (attention_mask 0 on the pads), so every row's last column is real and the
+    next tokens of all rows land in the same column. on_token(row, token) is called as each returned token is
+    produced (for streaming). A row that has stopped is still fed (its tokens are ignored) until all rows stop or
+    max_new_tokens; max_new_tokens is cut to what fits in the model's context.
+    """
+    device = next(model.parameters()).device
+    B, T = input_ids.shape
+    context = model.cfg.text.max_position_embeddings
+    if T >= context:
+        raise ValueError(f"the prompt is {T} tokens (text + image tokens), the model's context is {context} "
+                         f"(max_position_embeddings): shorten the prompt, use fewer images or lower --max-pixels")
+    max_new_tokens = min(max_new_tokens, context - T)
+    if attention_mask is not None and not attention_mask[:, -1].all():
+        raise ValueError("generate() needs left padding: the last column of attention_mask must be all ones")
+    padded = attention_mask is not None and not attention_mask.all()  # no pads: no mask at all, the fast path
+    input_ids = input_ids.to(device)
+    if pixel_values is not None:
+        pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
+
+    # the cache in the model's dtype on CUDA; fp32 on CPU, where attention is ~10x faster in it (see KVCache)
+    cache_dtype = torch.float32 if device.type == "cpu" else model.lm_head.weight.dtype
+    cache = M.KVCache(model.cfg.text, B, T + max_new_tokens, device=device, dtype=cache_dtype)
+    mask = None
+    if padded:  # one preallocated mask: pads 0, the prompt and every future token 1; step i reads a prefix view
+        mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+        mask[:, :T] = attention_mask
+    step = compiled_decode_step() if compile else decode_step
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    stop = set(stop_ids)
+    out, done = [[] for _ in range(B)], [False] * B
+
+    # prefill: the whole prompt and the images in one pass; logits only for the last column
+    h = model(input_ids, pixel_values, image_grid_thw, attention_mask=None if mask is None else mask[:, :T],
+              cache=cache, return_hidden=True)
+    logits = model.lm_head(h[:, -1]).float()
+    for i in range(max_new_tokens):
+        tokens = pick(logits, temperature, top_k, top_p, generator)  # (B,)
+        for row, t in enumerate(tokens.tolist()):
+            if done[row] or t in stop:
+                done[row] = True
+                continue
+            out[row].append(t)
+            if on_token is not None:
+                on_token(row, t)
+        if all(done) or i == max_new_tokens - 1:
+            break
+        logits = step(model, tokens[:, None], cache, None if mask is None else mask[:, : cache.length + 1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the command line
+
+
+class Streamer:
+    """Prints a row's tokens as text as they come. Byte-level BPE can split a character over tokens: text that
+    ends in an incomplete character (U+FFFD) waits for the next token."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+
+    def __call__(self, row: int, token: int):
+        self.ids.append(token)
+        if not self.tokenizer.decode(self.ids).endswith("\ufffd"):
+            self.flush()
+
+    def flush(self):
+        text = self.tokenizer.decode(self.ids)
+        print(text[self.shown :], end="", flush=True)
+        self.shown = len(text)
+
+
+def answer(model, tokenizer, image_cfg, messages, images, cfg: SampleConfig, stop_ids) -> str:
+    """Stream the assistant's reply to `messages` and return its text."""
+    ids, pixel_values, grid = build_prompt(tokenizer, messages, images, image_cfg)
+    streamer = Streamer(tokenizer)
+    generate(model, torch.tensor([ids]), None, pixel_values, grid, max_new_tokens=cfg.max_new_tokens,
+             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=stop_ids, seed=cfg.seed,
+             on_token=streamer, compile=cfg.compile and next(model.parameters()).is_cuda)
+    streamer.flush()  # an answer cut off inside a character ends in U+FFFD
+    print(flush=True)
+    return tokenizer.decode(streamer.ids)
+
+
+def user_turn(text: str, paths: list[str]) -> tuple[dict, list]:
+    """A user message with its images first (as Qwen's examples put them), and the decoded images."""
+    images = [data.load_image(p) for p in paths]  # raises, naming the file, if missing or not an image
+    return {"role": "user", "content": [{"type": "image"}] * len(paths) + [{"type": "text", "text": text}]}, images
+
+
+def chat(model, tokenizer, image_cfg, cfg: SampleConfig, system: str, stop_ids):
+    """A multi-turn chat. Each turn prefills the whole conversation again, its images included: simple, and the
+    prompt is short next to the time spent decoding on a CPU."""
+    print("chat: type a message; `/image PATH` attaches an image to your next one, `/reset` starts over, `/quit` "
+          "or Ctrl-D leaves.", file=sys.stderr)
+    opening = [{"role": "system", "content": system}] if system else []
+    messages, images, pending = list(opening), [], list(cfg.image)
+    while True:
+        try:
+            line = input(f"you{f' (+{len(pending)} image)' if pending else ''}> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            messages, images, pending = list(opening), [], []
+        elif line.startswith("/image "):
+            pending.append(line.removeprefix("/image ").strip())
+        elif line:
+            try:
+                message, new = user_turn(line, pending)
+                print("assistant> ", end="", flush=True)
+                reply = answer(model, tokenizer, image_cfg, messages + [message], images + new, cfg, stop_ids)
+            except (FileNotFoundError, ValueError) as e:  # a bad image, too long a chat: say so, keep chatting
+                print(f"error: {e}", file=sys.stderr)
+            else:
+                # Qwen3's template keeps no reasoning of past turns: only the text after </think> stays
+                reply = reply.split("</think>")[-1].lstrip("\n")
+                messages += [message, {"role": "assistant", "content": reply}]
+                images += new
+            pending = []
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        message, images = user_turn(cfg.prompt, cfg.image)  # before the (slow) model load: a bad path fails at once
+        model, tokenizer, image_cfg = load(cfg.model, device, getattr(torch, cfg.dtype))
+        if cfg.image and image_cfg is None:
+            raise ValueError(f"{cfg.model} is a text-only LLM (no vision tower): it cannot take --image")
+        if cfg.max_pixels and image_cfg is not None:
+            image_cfg = dataclasses.replace(image_cfg, max_pixels=cfg.max_pixels,
+                                            min_pixels=min(image_cfg.min_pixels, cfg.max_pixels))
+        system = cfg.system or data.template_defaults(data.read_chat_template(cfg.model))[0]
+        stop_ids = stop_token_ids(cfg.model)
+        if not stop_ids:
+            print(f"warning: {cfg.model} names no eos_token_id: every answer runs to --max-new-tokens",
+                  file=sys.stderr)
+        if not cfg.prompt:
+            return chat(model, tokenizer, image_cfg, cfg, system, stop_ids)
+        opening = [{"role": "system", "content": system}] if system else []
+        answer(model, tokenizer, image_cfg, opening + [message], images, cfg, stop_ids)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
