@@ -37,7 +37,7 @@ import model as M
 
 @dataclass
 class TrainConfig:
-    model: str = "out/demo/assembled"  # HF-layout model dir: convert.py assemble's output or a previous stage's
+    model: str = ""  # HF-layout model dir (assemble's output or a previous stage's); default: the demo's (below)
     data: list[str] = field(default_factory=lambda: ["out/demo/data/train.jsonl"])  # json / jsonl files
     data_root: str = ""  # relative image paths are under this (default: each data file's directory)
     out: str = ""  # default: out/demo/stage{stage}
@@ -90,7 +90,13 @@ def parse_args() -> TrainConfig:
             kind = {"int": int, "float": float, "str": str}[f.type.split(" |")[0]]
             p.add_argument(flag, type=kind, default=default)
     cfg = TrainConfig(**vars(p.parse_args()))
-    return dataclasses.replace(cfg, out=cfg.out or f"out/demo/stage{cfg.stage}")
+    # with no --model / --out: the demo's models (python demo.py makes them), stage 1 from the assembled model
+    demo = "out/demo/assembled" if cfg.stage == 1 else f"out/demo/stage{cfg.stage - 1}"
+    if not cfg.model and not (Path(demo) / "config.json").is_file():
+        raise SystemExit(f"no --model given and the demo's {demo} does not exist yet: `python demo.py` makes it "
+                         "(the demo's world, donors and assembled model, offline, minutes on a CPU), or pass "
+                         "--model DIR --data FILE")
+    return dataclasses.replace(cfg, model=cfg.model or demo, out=cfg.out or f"out/demo/stage{cfg.stage}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
