@@ -42,7 +42,8 @@ import model as M
 
 @dataclass
 class SampleConfig:
-    model: str = ""  # HF-layout model dir: config.json, safetensors, tokenizer.json (+ preprocessor_config.json)
+    model: str = ""  # HF-layout model dir: config.json, safetensors, tokenizer.json (+ preprocessor_config.json);
+    # default: the demo's stage-2 model (`python demo.py` makes it)
     image: list[str] = field(default_factory=list)  # images for the (first) user turn, in order
     prompt: str = ""  # "" = interactive chat
     system: str = ""  # "" = the chat template's default (Qwen2.5-VL: "You are a helpful assistant."; Qwen3: none)
@@ -66,8 +67,7 @@ def parse_args(argv=None) -> SampleConfig:
         elif f.name == "image":
             p.add_argument(flag, action="append", default=[], metavar="PATH")
         else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default,
-                           required=f.name == "model")
+            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default)
     return SampleConfig(**vars(p.parse_args(argv)))
 
 
@@ -322,8 +322,16 @@ def chat(model, tokenizer, image_cfg, cfg: SampleConfig, system: str, stop_ids):
             pending = []
 
 
+DEMO_MODEL = "out/demo/stage2"
+
+
 def main(argv=None):
     cfg = parse_args(argv)
+    if not cfg.model:
+        if not (Path(DEMO_MODEL) / "config.json").is_file():
+            sys.exit(f"error: no --model given and the demo's {DEMO_MODEL} does not exist yet: `python demo.py` makes "
+                     "it (offline, minutes on a CPU), or pass --model DIR")
+        cfg = dataclasses.replace(cfg, model=DEMO_MODEL)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         message, images = user_turn(cfg.prompt, cfg.image)  # before the (slow) model load: a bad path fails at once

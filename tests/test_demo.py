@@ -118,3 +118,9 @@ def test_train_without_flags_says_how_to_make_the_demo(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--stage", "1"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode != 0 and "python demo.py" in run.stderr and "out/demo/assembled" in run.stderr
+
+
+def test_sample_without_model_says_how_to_make_the_demo(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--image", "x.jpg"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "python demo.py" in run.stderr and "out/demo/stage2" in run.stderr
