@@ -147,8 +147,14 @@ def attend(q, k, v, mask: torch.Tensor | None, cu_seqlens=None) -> torch.Tensor:
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (T, nh, hd): the varlen layout
         y = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
         return y.transpose(0, 1)[None]
+    B, nh, Tq, hd = q.shape
+    nkv = k.shape[1]
+    if Tq == 1 and nkv != nh:  # a decode step: each kv head's query heads become its query rows (h -> h // group,
+        # as enable_gqa pairs them), so no key or value is copied per query head; the mask (B, 1, 1, Tk) broadcasts
+        y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
+        return y.view(B, nh, 1, hd)
     # is_causal is top-left aligned in SDPA: right for a full square, wrong for one query against a cache
-    causal = mask is None and q.shape[2] > 1
+    causal = mask is None and Tq > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
 
@@ -158,8 +164,8 @@ class KVCache:
     `length` tokens are stored; a forward of T new tokens writes slots [length, length + T) and advances it.
     `rope_delta` (B, 1) is the VLM's 3-D position offset: a new token's position = its index among the real
     tokens + rope_delta (HF's rope_deltas); it is set by the prefill forward.
-    `dtype` may be wider than the model's: attention then runs in it. On CPU keep fp32 for a bf16 model: PyTorch's
-    CPU attention kernel is ~10x slower in bf16 for a one-token query, and bf16 keys/values are exact in fp32.
+    `dtype` is normally the model's (sample.generate's choice, as transformers'); a wider one makes attention run
+    in it (bf16 keys and values are exact in fp32) at twice the bytes read per decoded token.
     """
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):

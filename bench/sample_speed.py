@@ -9,13 +9,16 @@ Timestamps come from the token callbacks (our on_token, transformers' streamer):
 token (prefill included), decode tokens/s = tokens after the first / the time they took. Each number is the best
 of --repeats runs, ours and transformers' interleaved, so a busy machine slows both alike.
 
-Measured on the project's 2-core AMD EPYC (avx512_bf16), shared with other jobs, --threads 1 (2 threads on a busy
-2-core machine gave numbers that moved 5x from run to run): decode 8.78 vs 6.50 tokens/s at a 512-token prompt
-(1.35x), 5.49 vs 2.48 at 2048 (2.21x); TTFT the same (0.99-1.05x). Batch-1 decoding on a CPU reads every weight
-once per token (1.19 GB in bf16 here), and both implementations do the same matmuls, so the difference is
-attention over the cache: transformers runs SDPA on its bf16 cache, whose CPU kernel is ~10x slower for one query
-than in fp32; our cache is fp32 on CPU (KVCache). With a bf16 cache ours decodes at 6.6-6.9 tokens/s at 512,
-transformers' speed. 2x at short prompts needs fewer weight bytes per token (int8 weight-only, as gpt-fast does).
+Measured on the project's 2-core AMD EPYC (avx512_bf16), quiet machine, 64 new tokens, best of 3:
+    2 threads: prompt 512: 29.95 vs 9.99 tokens/s = 3.00x; prompt 2048: 18.84 vs 6.19 = 3.04x; TTFT 1.04-1.05x
+    1 thread:  prompt 512: 19.47 vs 7.05 tokens/s = 2.76x; prompt 2048: 12.40 vs 3.50 = 3.55x; TTFT 1.03-1.07x
+    --dtype float32, 2 threads, prompt 512: 7.81 vs 7.44 = 1.05x, all 64 greedy tokens identical
+Batch-1 decoding reads every weight once per token (1.19 GB in bf16 here). Two things make ours faster: sample.load
+packs the decoder's bf16 weights in oneDNN's blocked layout (PackedLinear: a decode step's matmuls go from ~63 ms to
+~21 ms, bit-identical logits), and a decode step's attention puts each kv head's query heads in the query rows (the
+same products per head) instead of SDPA's enable_gqa, which copies keys and values per query head and is ~10x slower
+in bf16 on CPU (transformers pays that). In bf16, random weights give near-flat logits, so the two implementations'
+different summation orders flip a near-tie after a few tokens; in fp32 all tokens agree.
 """
 import argparse
 import json
@@ -94,13 +97,14 @@ def main():
     if not (d / "model.safetensors").is_file():
         make_checkpoint(d)
     ours = M.from_pretrained(d, dtype=dtype)
+    packed = sample.pack_for_cpu(ours)  # as sample.load does
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     cfg = ours.cfg.text
     print(f"model: Qwen3-0.6B shape ({cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
           f"{cfg.num_kv_heads} x {cfg.head_dim}, vocab {cfg.vocab_size}, tied), random {args.dtype} weights")
     print(f"run: CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; batch 1, greedy, {args.new} new tokens, best of {args.repeats} "
-          f"(ours and transformers interleaved)")
+          f"(ours and transformers interleaved); ours: {packed} Linears packed for oneDNN")
     for n_prompt in args.prompt:
         ids = torch.randint(0, 151643, (1, n_prompt), generator=torch.Generator().manual_seed(n_prompt))
         runs = {

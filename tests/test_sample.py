@@ -298,3 +298,44 @@ def test_compiled_decode_step_gives_the_same_tokens(text_model_dir):
     counters.clear()
     assert S.generate(ours, ids, max_new_tokens=N, compile=True) == want
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # not one per cache length
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bf16 on CPU: load() packs the decoder's weights for oneDNN; the numbers must not move by one bit
+
+
+def logits_and_tokens(model, ids, pv=None, grids=None):
+    with torch.no_grad():
+        logits = model(ids, pixel_values=pv, image_grid_thw=grids)
+    return logits, S.generate(model, ids, None, pv, grids, max_new_tokens=N)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
+def test_packed_bf16_decoder_is_bit_identical(text_model_dir, kind):
+    _, path = text_model_dir(kind)
+    plain, packed = M.from_pretrained(path, dtype=torch.bfloat16), M.from_pretrained(path, dtype=torch.bfloat16)
+    layers = packed.cfg.text.num_layers
+    assert S.pack_for_cpu(packed) == 7 * layers + 1  # q k v o gate up down per layer, and lm_head
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(6))
+    (a, toks_a), (b, toks_b) = logits_and_tokens(plain, ids), logits_and_tokens(packed, ids)
+    assert torch.equal(a, b) and toks_a == toks_b
+    # negative control: the comparison sees one row of one weight moved to its next bf16 numbers
+    nudged = M.from_pretrained(path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        nudged.model.layers[0].mlp.down_proj.weight.view(torch.int16)[0] += 1
+    S.pack_for_cpu(nudged)
+    assert not torch.equal(logits_and_tokens(nudged, ids)[0], b)
+    assert S.pack_for_cpu(M.from_pretrained(path)) == 0  # fp32 keeps F.linear: transformers' exact numbers
+
+
+def test_load_packs_a_vl_model_and_its_images_give_the_same_answer(cli_dir):
+    model, tok, image_cfg = S.load(cli_dir, "cpu", torch.bfloat16)
+    plain = M.from_pretrained(cli_dir, dtype=torch.bfloat16)
+    assert isinstance(model.lm_head, S.PackedLinear) and isinstance(model.model.layers[0].mlp.up_proj, S.PackedLinear)
+    assert type(model.visual.blocks[0].mlp.up_proj) is torch.nn.Linear  # the tower runs once per prompt: as loaded
+    message, imgs = S.user_turn("Describe the image.", [cli_dir / "small.png"])
+    ids, pv, grid = S.build_prompt(tok, [message], imgs, image_cfg)
+    ids = torch.tensor([ids])
+    (a, toks_a), (b, toks_b) = logits_and_tokens(plain, ids, pv, grid), logits_and_tokens(model, ids, pv, grid)
+    assert torch.equal(a, b) and toks_a == toks_b
