@@ -128,8 +128,10 @@ def pack_for_cpu(model: M.VLM) -> int:
             if type(child) is nn.Linear and (parent is not model or name == "lm_head"):
                 setattr(parent, name, PackedLinear(child))
                 swapped += 1
-    with torch.no_grad():  # own the tensors left (embeddings, norms, vision): the checkpoint's file mapping, whose
-        for t in model.parameters():  # pages the packing read, then goes, and with it 1x the weights of memory
+    # The tensors left (embeddings, norms, the tower) still live in the checkpoint's file mapping, which now also
+    # holds every page the packing read: owning copies of them lets the mapping go (0.6B: 2357 -> 1517 MiB).
+    with torch.no_grad():
+        for t in model.parameters():
             t.data = t.data.clone()
     return swapped
 

@@ -82,18 +82,19 @@ def window_order(g: PatchGrid, m: int, win: int) -> tuple[torch.Tensor, torch.Te
 
 
 class Segments(NamedTuple):
-    """Block-diagonal attention pattern: tokens attend only inside their (contiguous) segment."""
-    mask: torch.Tensor | None        # (N, N) bool for SDPA
-    cu_seqlens: torch.Tensor | None  # (S+1,) int32 for flash-attn varlen
+    """Block-diagonal attention: tokens attend only inside their (contiguous) segment (a window, or a frame)."""
+    cu_seqlens: torch.Tensor         # (S+1,) int32, for flash-attn varlen
     max_seqlen: int
+    groups: list[torch.Tensor]       # for SDPA: per segment length L, the (n_L, L) token rows of its segments
 
 
 def make_segments(ids: torch.Tensor, flash: bool) -> Segments:
     # ids: (N,) non-decreasing segment id per token
-    if flash:
-        _, lengths = torch.unique_consecutive(ids, return_counts=True)
-        return Segments(None, F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(lengths.max()))
-    return Segments(ids[:, None] == ids[None, :], None, 0)
+    _, lengths = torch.unique_consecutive(ids, return_counts=True)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    groups = [] if flash else [cu[:-1][lengths == L, None] + torch.arange(L, device=ids.device)
+                               for L in lengths.unique().tolist()]
+    return Segments(cu, int(lengths.max()), groups)
 
 
 def rope_cos_sin(row: torch.Tensor, col: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
@@ -162,11 +163,13 @@ class VisionAttention(nn.Module):
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, nh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if seg.cu_seqlens is not None:  # non-causal, scale hd^-0.5 (flash-attn's default)
+        if not seg.groups:  # flash-attn: non-causal, scale hd^-0.5 (flash-attn's default)
             o = flash_attn_varlen_func(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_seqlen, seg.max_seqlen)
-        else:
-            q, k, v = (t.transpose(0, 1) for t in (q, k, v))                  # (N, nh, hd) -> (nh, N, hd)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=seg.mask).transpose(0, 1)  # (N, nh, hd)
+        else:  # segments of one length make one batch, no mask: the cost is sum(L^2), not N^2
+            o = torch.empty_like(q)
+            for rows in seg.groups:
+                qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))      # (n_L, nh, L, hd)
+                o[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
         return self.proj(o.reshape(N, -1))
 
 
