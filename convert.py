@@ -5,9 +5,9 @@ a new VLM from a VL model's vision tower and a Qwen3 LLM:
 
 Our module tree mirrors the checkpoints: `model.*` is the decoder, `visual.*` the vision tower (with its
 merger), `lm_head` the output matrix. Every layout we meet maps onto it with a few prefix rules:
-  text-only LLM (Qwen3ForCausalLM):        model.*                  lm_head.*
-  VL, old layout (Qwen2.5-VL on the Hub):  model.*      visual.*    lm_head.*
-  VL, new layout (Qwen3-VL, transformers 5): model.language_model.*  model.visual.*  lm_head.*
+  text-only LLM (Qwen3ForCausalLM):          model.*                                lm_head.*
+  VL, old layout (Qwen2.5-VL on the Hub):    model.*                 visual.*       lm_head.*
+  VL, new layout (Qwen3-VL, transformers 5): model.language_model.*  model.visual.* lm_head.*
 """
 from __future__ import annotations
 
@@ -40,12 +40,8 @@ NAME_RULES = [
     ("model.", "model."),
     ("lm_head.", "lm_head."),
 ]
-# saving is the inverse, one table per layout: our prefix -> the checkpoint's
-SAVE_PREFIXES = {
-    "text": {"model.": "model.", "lm_head.": "lm_head."},
-    "old": {"model.": "model.", "visual.": "visual.", "lm_head.": "lm_head."},
-    "new": {"model.": "model.language_model.", "visual.": "model.visual.", "lm_head.": "lm_head."},
-}
+# saving is the inverse: text-only and old-layout checkpoints use our names, the new layout nests these two
+NEW_LAYOUT = {"model": "model.language_model", "visual": "model.visual"}
 # transformers 5.23 still writes these in the old layout (conversion_mapping.py renames them back on save)
 OLD_LAYOUT_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -58,20 +54,15 @@ def our_name(hf_name: str) -> str | None:
     return None
 
 
-def hf_name(name: str, layout: str) -> str:
-    """The checkpoint name of our parameter `name` in `layout` ("text" | "old" | "new")."""
+def hf_name(name: str, hf_config: dict) -> str:
+    """The checkpoint name of our parameter `name` in the layout that hf_config implies."""
+    if "vision_config" not in hf_config or hf_config.get("model_type") in OLD_LAYOUT_TYPES:
+        return name
     head, rest = name.split(".", 1)
-    return SAVE_PREFIXES[layout][head + "."] + rest
+    return NEW_LAYOUT.get(head, head) + "." + rest
 
 
-def save_layout(hf_config: dict) -> str:
-    if "vision_config" not in hf_config:
-        return "text"
-    return "old" if hf_config.get("model_type") in OLD_LAYOUT_TYPES else "new"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# loading
+# ---- loading ----
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
@@ -98,14 +89,14 @@ def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> di
     tied = model.cfg.text.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight")
-    state, unexpected, misshaped, dropped = {}, [], [], None
+    state, unexpected, misshaped, stored_head = {}, [], [], None
     with contextlib.ExitStack() as stack:
         opened = {file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
                   for file in set(files.values())}
         for key, file in sorted(files.items()):
             f, name = opened[file], our_name(key)
             if tied and name == "lm_head.weight":
-                dropped = f.get_tensor(key)
+                stored_head = f.get_tensor(key)
                 continue
             if name not in expected:
                 unexpected.append(key)
@@ -125,13 +116,12 @@ def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> di
                 lines.append(f"  {len(items)} {title}:")
                 lines += [f"    {item}" for item in items]
         raise ValueError("\n".join(lines))
-    if dropped is not None:
+    if tied:
         embed = state["model.embed_tokens.weight"]
-        if not torch.equal(dropped.to(embed.device, embed.dtype), embed):
+        if stored_head is not None and not torch.equal(stored_head.to(embed.device, embed.dtype), embed):
             raise ValueError(f"{path}: tie_word_embeddings is true but the stored lm_head.weight differs from "
                              "embed_tokens.weight; set tie_word_embeddings false in config.json to keep both")
-    if tied:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # the model ties them again after loading
+        state["lm_head.weight"] = embed  # the model ties them again after loading
     return state
 
 
@@ -155,8 +145,7 @@ def read_tensor(file: Path, name: str, rows: int | None = None) -> torch.Tensor:
     return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.empty(shape, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# saving
+# ---- saving ----
 
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -212,10 +201,10 @@ def write_safetensors(file: Path, items: list[Item]) -> None:
     os.replace(tmp, file)
 
 
-def write_weights(items: list[Item], out_dir: Path, max_shard_size: str | int = "4GB") -> None:
+def write_checkpoint(out: Path, hf_config: dict, items: list[Item], max_shard_size: str | int) -> None:
     """model.safetensors, or shards of at most max_shard_size + model.safetensors.index.json as save_pretrained
-    writes them. Weight files of an earlier save that this one did not write are removed afterwards: a stale
-    index would shadow a new single file."""
+    writes them, then config.json. Weight files of an earlier save that this one did not write are removed: a
+    stale index would shadow a new single file."""
     limit, shards, size = parse_size(max_shard_size), [[]], 0
     for it in items:
         if shards[-1] and size + it.nbytes > limit:
@@ -224,24 +213,25 @@ def write_weights(items: list[Item], out_dir: Path, max_shard_size: str | int = 
         size += it.nbytes
     n = len(shards)
     files = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    out.mkdir(parents=True, exist_ok=True)
     for file, shard in zip(files, shards):
-        write_safetensors(out_dir / file, shard)
+        write_safetensors(out / file, shard)
     if n > 1:
         weight_map = {it.name: file for file, shard in zip(files, shards) for it in shard}
-        write_json(out_dir / "model.safetensors.index.json",
+        write_json(out / "model.safetensors.index.json",
                    {"metadata": {"total_size": sum(it.nbytes for it in items)}, "weight_map": weight_map})
         files.append("model.safetensors.index.json")
-    for old in out_dir.glob("model*.safetensors*"):
+    for old in out.glob("model*.safetensors*"):
         if old.name not in files:
             old.unlink()
+    write_json(out / "config.json", hf_config)
 
 
 def save_state_dict(state: dict[str, torch.Tensor], out_dir, hf_config: dict,
                     max_shard_size: str | int = "4GB") -> None:
-    """Write `state` (our names, as VLM.state_dict()) as an HF model dir: config.json = hf_config, tensors under
-    the names of the layout hf_config implies (SAVE_PREFIXES), each in its own dtype, one at a time from any
-    device (full tensors, not FSDP shards). The state must fit the model hf_config describes exactly; a tied
-    lm_head is left out."""
+    """Write `state` (our names, as VLM.state_dict()) as an HF model dir: config.json = hf_config, each tensor
+    under its name in hf_config's layout, in its own dtype, one at a time from any device (full tensors, not FSDP
+    shards). The state must fit the model hf_config describes exactly; a tied lm_head is left out."""
     out = Path(out_dir)
     cfg = M.config_from_hf(hf_config)
     with torch.device("meta"):
@@ -257,11 +247,8 @@ def save_state_dict(state: dict[str, torch.Tensor], out_dir, hf_config: dict,
                 + [f"{k}: {got[k]} but the config makes {want[k]}" for k in got if k in want and got[k] != want[k]])
     if problems:
         raise ValueError(f"{out}: the state does not fit the model config.json describes:\n  " + "\n  ".join(problems))
-    out.mkdir(parents=True, exist_ok=True)
-    layout = save_layout(hf_config)
-    items = [Item(hf_name(k, layout), tuple(t.shape), t.dtype, lambda t=t: t) for k, t in state.items() if k in want]
-    write_weights(items, out, max_shard_size)
-    write_json(out / "config.json", hf_config)
+    items = [Item(hf_name(k, hf_config), got[k], t.dtype, lambda t=t: t) for k, t in state.items() if k in want]
+    write_checkpoint(out, hf_config, items, max_shard_size)
 
 
 def copy_model_files(src_dir, out_dir) -> list[str]:
@@ -274,8 +261,7 @@ def copy_model_files(src_dir, out_dir) -> list[str]:
     return copied
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# assembling: a VL model's vision tower + a Qwen3 (or Qwen2) LLM + a merger -> a new VL model dir
+# ---- assembling: a VL model's vision tower + a Qwen3 (or Qwen2) LLM + a merger -> a new VL model dir ----
 
 
 @dataclass
@@ -393,7 +379,7 @@ def fresh_mergers(visual: torch.nn.Module, seed: int, dtype: torch.dtype) -> dic
     return out
 
 
-def plan(cfg: M.ModelConfig, layout: str, sources: dict, a: AssembleArgs) -> tuple[list[Item], dict, list[str]]:
+def plan(cfg: M.ModelConfig, hf: dict, sources: dict, a: AssembleArgs) -> tuple[list[Item], dict, list[str]]:
     """Every output tensor as an Item (read when written) with its origin; every input tensor is used or dropped
     on purpose (the donor's LLM and unused merger; a tied LLM's stored lm_head, if it equals the embeddings).
     Anything missing, mis-shaped or unplaceable is one error that lists it all."""
@@ -406,16 +392,14 @@ def plan(cfg: M.ModelConfig, layout: str, sources: dict, a: AssembleArgs) -> tup
     for name, p in target.state_dict().items():
         if name == "lm_head.weight" and tied:
             continue
-        shape, role, rows = tuple(p.shape), "vision" if name.startswith("visual.") else "llm", None
-        src = sources[role].get(name)
-        origin = role
+        shape, role = tuple(p.shape), "vision" if name.startswith("visual.") else "llm"
+        src = sources[role].get(name)  # (file, checkpoint name, shape) or None
+        origin, rows = role, None
         if name.startswith(MERGERS):
             have = src[2] if src and a.merger_init == "copy" else None
-            if have == shape:
-                origin = "vision"
-            elif have and name.endswith(LAST_LINEAR) and have[0] > shape[0] and have[1:] == shape[1:]:
+            if have and name.endswith(LAST_LINEAR) and have[0] > shape[0] and have[1:] == shape[1:]:
                 origin, rows = "cropped", shape[0]  # a narrower LLM: the first rows of the last Linear
-            else:
+            elif have != shape:
                 origin = "fresh"
         elif src is None or src[2] != shape:
             problems.append(f"{role} {src[1]}: shape {src[2]}, the model needs {shape}" if src
@@ -426,7 +410,7 @@ def plan(cfg: M.ModelConfig, layout: str, sources: dict, a: AssembleArgs) -> tup
         else:
             used.add((role, name))
             load, source = (lambda s=src, r=rows: read_tensor(s[0], s[1], r)), f"{role}:{src[1]}"
-        items.append(Item(hf_name(name, layout), shape, dtype, load))
+        items.append(Item(hf_name(name, hf), shape, dtype, load))
         origins[items[-1].name] = (origin, source)
     dropped = []
     for role, tensors in sources.items():
@@ -465,11 +449,8 @@ def assemble(a: AssembleArgs) -> dict[str, tuple[str, str]]:
     if (image.merge_size, image.temporal_patch_size) != (cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
         raise ValueError(f"{vdir}/preprocessor_config.json does not match its vision tower's merge/temporal size")
     sources = {"vision": checkpoint_tensors(vdir), "llm": checkpoint_tensors(ldir)}
-    items, origins, dropped = plan(cfg, save_layout(hf), sources, a)
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_weights(items, out, a.max_shard_size)  # one tensor in memory at a time
-    write_json(out / "config.json", hf)
+    items, origins, dropped = plan(cfg, hf, sources, a)
+    write_checkpoint(out, hf, items, a.max_shard_size)  # one tensor in memory at a time
     copy_model_files(ldir, out)  # the LLM's tokenizer, chat template and generation config
     data.save_image_config(image, out)  # the vision donor's image preprocessing
     write_json(out / "assemble.json", {"args": dataclasses.asdict(a), "tensors": origins, "dropped": dropped})
@@ -480,17 +461,17 @@ def assemble(a: AssembleArgs) -> dict[str, tuple[str, str]]:
 def report(origins: dict[str, tuple[str, str]], numels: dict[str, int], n_dropped: int) -> str:
     """Where each output tensor came from (a layer or block index folded into {first..last}), then the
     parameter counts per part."""
-    groups = defaultdict(lambda: [0, 0, set()])  # (name, origin, source), "#" for the index -> count, params, indices
+    groups = defaultdict(list)  # (name, origin, source) with "#" for the index -> the output tensors
     parts = defaultdict(lambda: defaultdict(int))  # part -> origin -> params
     for name, (origin, source) in origins.items():
-        g = groups[LAYER.sub(r"\1#.", name), origin, LAYER.sub(r"\1#.", source)]
-        g[0], g[1] = g[0] + 1, g[1] + numels[name]
-        g[2].update(int(m[2]) for m in LAYER.finditer(name))
+        groups[LAYER.sub(r"\1#.", name), origin, LAYER.sub(r"\1#.", source)].append(name)
         parts["merger" if "merger" in name else "vision" if "visual." in name else "llm"][origin] += numels[name]
     rows = []
-    for (name, origin, source), (n, params, idx) in groups.items():
+    for (name, origin, source), names in groups.items():
+        idx = {int(m[2]) for n in names for m in LAYER.finditer(n)}
         span = "{" + (f"{min(idx)}..{max(idx)}" if idx else "") + "}"
-        rows.append((name.replace("#", span), origin, n, params, source.replace("#", span)))
+        params = sum(numels[n] for n in names)
+        rows.append((name.replace("#", span), origin, len(names), params, source.replace("#", span)))
     w = max(len(r[0]) for r in rows)
     lines = [f"{'output tensor':<{w}}  {'origin':<7} {'count':>5} {'params':>13}  source"]
     lines += [f"{name:<{w}}  {origin:<7} {n:>5} {params:>13,}  {source}" for name, origin, n, params, source in rows]

@@ -7,9 +7,8 @@ For train.py (`python data.py FILE... --model DIR` is its first four steps, as a
     cfg = DataConfig(max_length=4096, ...)                      # the user's data choices, one flag each
     chat = load_chat(model_dir, cfg)                            # what the model dir decides: tokens, template
     samples, problems = load_samples(files, cfg.data_root)      # JSON and structure
-    samples, summary, more = check_dataset(samples, chat, cfg)  # every image decoded, every sample measured
-    problems += more                # print(summary, describe_problems(problems)); on any problem stop unless
-                                    # told to skip them: `samples` already holds only the valid ones
+    samples, summary, more = check_dataset(samples, chat, cfg)  # images decoded, samples measured, valid kept
+    problems += more                                            # on any problem stop, unless told to skip them
     loader = Loader(samples, chat, cfg, rank, world_size, seed, num_workers)   # loader.efficiency(epoch)
     for batch in loader.batches(epoch, start=offset):           # VLM.forward's kwargs + labels
         loss = F.cross_entropy(logits[:, :-1] ..., batch["labels"][:, 1:] ..., ignore_index=-100)
@@ -28,7 +27,6 @@ import typing
 from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -255,8 +253,7 @@ def load_chat(path, cfg: DataConfig) -> Chat:
         return t
 
     image, image_text, image_id = None, "", None
-    if mc.vision is not None:
-        v = mc.vision
+    if (v := mc.vision) is not None:
         image = image_config_from_dir(d, v.patch_size, cfg.min_pixels, cfg.max_pixels)
         if (image.merge_size, image.temporal_patch_size) != (v.spatial_merge_size, v.temporal_patch_size):
             raise ValueError(f"{d}: preprocessor_config.json's merge / temporal patch sizes {image.merge_size} / "
@@ -264,7 +261,7 @@ def load_chat(path, cfg: DataConfig) -> Chat:
         pad = text_of(mc.image_token_id, "<|image_pad|>")
         image_id, image_text = tok.token_to_id(pad), (text_of(mc.vision_start_token_id, "<|vision_start|>") + pad
                                                       + text_of(mc.vision_end_token_id, "<|vision_end|>"))
-    text_of(None, "<|im_start|>"), text_of(None, "<|im_end|>")
+    text_of(None, "<|im_start|>"), text_of(None, "<|im_end|>")  # the template's own tokens must exist too
     return Chat(tokenizer=tok, default_system=system if cfg.system_prompt is None else cfg.system_prompt,
                 think=think if cfg.think is None else cfg.think, image=image, mrope=bool(mc.text.mrope_section),
                 image_token_id=image_id, image_text=image_text,
@@ -276,12 +273,14 @@ def load_chat(path, cfg: DataConfig) -> Chat:
 # ---- datasets: LLaVA and ms-swift records -> samples, and what is wrong with them ----
 
 IMAGE = "<image>"  # the placeholder both formats put where an image goes
-LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-SWIFT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}  # already ours
-SAMPLE_KEYS = {"id", "image", "images", "conversations", "messages"}
+FORMATS = {  # a sample's list of turns -> (role key, text key, its roles -> ours)
+    "conversations": ("from", "value", {"human": "user", "gpt": "assistant", "system": "system"}),  # LLaVA
+    "messages": ("role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),  # ms-swift
+}
+SAMPLE_KEYS = {"id", "image", "images", *FORMATS}
 
 
-class Problem(NamedTuple):
+class Problem(typing.NamedTuple):
     where: str  # file:line
     kind: str  # a short fixed phrase, to count problems by
     detail: str = ""
@@ -305,7 +304,8 @@ def read_records(path: Path) -> tuple[list[tuple[str, object]], list[Problem]]:
     if path.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             try:
-                records += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+                if line.strip():
+                    records.append((f"{path}:{n}", json.loads(line)))
             except json.JSONDecodeError as e:
                 problems.append(Problem(f"{path}:{n}", "bad JSON", f"{e.msg} (column {e.colno})"))
         return records, problems
@@ -342,9 +342,8 @@ def preview(value) -> str:
 
 
 def parse_sample(where: str, raw, root: Path) -> tuple[Sample | None, list[Problem]]:
-    """A LLaVA record (`conversations` of {from: human|gpt|system, value}) or an ms-swift one (`messages` of
-    {role: user|assistant|system, content}) as a Sample, or every problem found in it. Images are `image` (a
-    path) or `images` (a list), relative to root, one per <image> placeholder, in order."""
+    """A LLaVA or ms-swift record (FORMATS) as a Sample, or every problem found in it. Images are `image` (a path)
+    or `images` (a list), relative to root, one per <image> placeholder, in order."""
     if not isinstance(raw, dict):
         return None, [Problem(where, "not an object", f"a sample is a JSON object, not {preview(raw)}")]
     out = []
@@ -359,9 +358,9 @@ def parse_sample(where: str, raw, root: Path) -> tuple[Sample | None, list[Probl
         bad("conflicting fields" if both else "missing field",
             "a sample has `conversations` (LLaVA) or `messages` (ms-swift)" + (", not both" if both else ""))
         return None, out
-    llava = "conversations" in raw
-    field, role_key, text_key = ("conversations", "from", "value") if llava else ("messages", "role", "content")
-    roles, turns = LLAVA_ROLES if llava else SWIFT_ROLES, raw[field]
+    field = "conversations" if "conversations" in raw else "messages"
+    role_key, text_key, roles = FORMATS[field]
+    turns = raw[field]
     if not isinstance(turns, list) or not turns:
         bad("empty conversation", f"{field} is {preview(turns)}")
         return None, out
@@ -445,14 +444,14 @@ def render(sample: Sample, chat: Chat, counts: list[int]) -> tuple[list[int], li
 
     for i, (role, content) in enumerate(messages):
         add(f"<|im_start|>{role}\n")
-        reasoning = ""
-        if role == "assistant" and chat.think and "</think>" in content:  # Qwen3's template splits reasoning off
-            reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
-            content = content.split("</think>")[-1].lstrip("\n")
-        if role == "assistant" and chat.think and i == len(messages) - 1:  # only the last turn keeps its block
-            # an empty block is prompt, not answer: enable_thinking=False puts it in the generation prompt
-            add(f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n", learn=bool(reasoning.strip("\n")))
-            content = content.lstrip("\n")
+        if role == "assistant" and chat.think:  # as Qwen3's template: reasoning split off, kept on the last turn
+            reasoning = ""
+            if "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+            if i == len(messages) - 1:  # an empty block is prompt, not answer: enable_thinking=False prompts with it
+                add(f"<think>\n{reasoning}\n</think>\n\n", learn=bool(reasoning))
+                content = content.lstrip("\n")
         add(content.replace(IMAGE, chat.image_text) + "<|im_end|>", learn=role == "assistant")
         add("\n")
     enc = chat.tokenizer.encode(text, add_special_tokens=False)
@@ -493,14 +492,13 @@ def check_sample(sample: Sample, chat: Chat, max_length: int) -> tuple[Sample | 
             img = load_image(path)
         except FileNotFoundError:
             bad("missing image", str(path))
-            continue
         except ValueError as e:  # corrupt, truncated, not an image
             bad("undecodable image", str(e))
-            continue
-        try:
-            counts.append(image_tokens(img.height, img.width, chat.image))
-        except ValueError as e:  # smart_resize: an aspect ratio over 200
-            bad("bad image", f"{path}: {e}")
+        else:
+            try:
+                counts.append(image_tokens(img.height, img.width, chat.image))
+            except ValueError as e:  # smart_resize: an aspect ratio over 200
+                bad("bad image", f"{path}: {e}")
     if out:
         return None, out
     ids, labels = render(sample, chat, counts)
@@ -629,10 +627,9 @@ def efficiency(batches, lengths: list[int], cfg: DataConfig) -> float:
 
 
 def collate(rows: list[list[Example]], pad_id: int, mrope: bool, length: int | None = None) -> dict:
-    """Rows of examples -> one batch: VLM.forward's keyword arguments plus labels. A row holds one example
-    (padded batches) or several (a packed row: doc_ids keep them apart, each one's positions start at 0).
-    Rows are right-padded to `length`, or to the longest. pixel_values / image_grid_thw (images in token order)
-    are there only when the batch has images, doc_ids only when a row holds several examples."""
+    """Rows of examples -> one batch: VLM.forward's keyword arguments plus labels, right-padded to `length` or the
+    longest row. A packed row holds several examples, each with positions from 0, kept apart by doc_ids (present
+    only then); pixel_values / image_grid_thw (images in token order) only when the batch has images."""
     B, T = len(rows), length or max(sum(len(e.input_ids) for e in row) for row in rows)
     ids, labels = torch.full((B, T), pad_id), torch.full((B, T), -100)
     mask, docs = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)

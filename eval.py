@@ -2,7 +2,6 @@
 
     python eval.py --model DIR --data MMStar.tsv ChartQA_TEST.tsv [--max-samples N] [--batch-size N] [--out DIR]
 
-Read top to bottom: settings -> reading rows -> prompts -> answer extraction and scorers -> the driver.
 A row with options (TSV columns A, B, ...; or a jsonl reference that is one letter) is multiple choice: the prompt
 lists the options and asks for the letter, the letter is found in the free-text answer, and it scores 1 when it is
 the reference letter. Every other row is short-answer and gets each of the scores benchmarks use; report the one
@@ -59,8 +58,7 @@ def parse_args(argv=None) -> EvalConfig:
         if f.name == "data":
             p.add_argument(flag, nargs="+", required=True)
         else:
-            kind = {"int": int, "str": str}[f.type.split(" |")[0]]
-            p.add_argument(flag, type=kind, default=default, required=f.name == "model")
+            p.add_argument(flag, type={"int": int, "str": str}[f.type], default=default, required=f.name == "model")
     return EvalConfig(**vars(p.parse_args(argv)))
 
 
@@ -99,8 +97,7 @@ def read_tsv(path: str | Path, max_samples: int = 0, root: str | Path = "") -> l
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of "index"
         reader = csv.DictReader(f, delimiter="\t")
         cols = reader.fieldnames or []
-        missing = [c for c in ("index", "question", "answer") if c not in cols]
-        if missing:
+        if missing := [c for c in ("index", "question", "answer") if c not in cols]:
             raise ValueError(f"{path}: no {', '.join(missing)} column; a VLMEvalKit TSV has index, question, answer, "
                              f"A, B, ... and image or image_path (this one has: {', '.join(cols)})")
         rows = list(reader)
@@ -183,8 +180,7 @@ def jsonl_sample(rec: dict, root: Path, where: str) -> Sample:
     turns = [(t.get("role", t.get("from")), t.get("content", t.get("value"))) for t in turns]
     if not all(r in ROLES and isinstance(text, str) for r, text in turns):
         raise ValueError(f"a turn is not {{role: {'|'.join(ROLES)}, content: text}}: {turns}")
-    turns = [(ROLES[r], text) for r, text in turns]
-    *turns, (role, ref) = turns
+    *turns, (role, ref) = [(ROLES[r], text) for r, text in turns]
     if role != "assistant" or not any(r == "user" for r, _ in turns) or not ref.strip():
         raise ValueError("the last turn must be the reference answer (assistant / gpt) after a user turn")
     images = rec.get("images", rec.get("image", []))
@@ -225,12 +221,11 @@ def vqa_prompt(question: str) -> str:
 
 
 def extract_choice(text: str, options: dict[str, str]) -> str | None:
-    """The option letter a free-text answer picks, or None when it names none or more than one. In order: the
-    answer is a letter ("b", "(C)", "D."); starts with one ("B. a cat", "(c) ..."); states one ("the answer is
-    (b)", "Answer: C", "option d", "\\boxed{B}"); holds exactly one capital option letter as a word, not counting
-    an article or pronoun ("A dog ...", "I think ..."); holds exactly one option's text (as VLMEvalKit's
-    can_infer_option, then can_infer_text). A lower-case letter counts only set off by punctuation ("is (b)",
-    "answer: c."), never as a word ("the answer is a cat")."""
+    """The option letter a free-text answer picks; None when it names none or several. In order (as VLMEvalKit's
+    can_infer_option, then can_infer_text): the answer is a letter ("b", "(C)", "D."), starts with one ("B. a cat"),
+    states one ("the answer is (b)", "Answer: C", "option d", "\\boxed{B}"), holds exactly one capital option letter
+    as a word, not an article or pronoun ("A dog ...", "I think ..."), or exactly one option's text. A lower-case
+    letter counts only set off by punctuation ("is (b)", "answer: c."), never as a word ("the answer is a cat")."""
     t, letters = text.strip(), "".join(options)
     lower_ok = r"(?=[)\].:;,*]|\s*$)"  # a lower-case letter must be set off: "(b)", "b.", "b" at the end
     found = [re.fullmatch(r"[\s(\[*]*([A-Za-z])[\s)\].:*]*", t),
@@ -333,10 +328,9 @@ def summarise(samples: list[Sample], scores: list[dict]) -> dict:
     if any(s.options for s in samples):
         out.update(multiple_choice=sum("choice" in s for s in scores),
                    no_letter_found=sum(s.get("choice", "") is None for s in scores))
-    cats = sorted({s.category for s in samples if s.category})
-    if cats:
-        out["per_category"] = {c: dict(n=len(rows), **mean_scores(rows)) for c in cats
-                               for rows in [[sc for s, sc in zip(samples, scores) if s.category == c]]}
+    for c in sorted({s.category for s in samples if s.category}):
+        rows = [sc for s, sc in zip(samples, scores) if s.category == c]
+        out.setdefault("per_category", {})[c] = dict(n=len(rows), **mean_scores(rows))
     return out
 
 
@@ -357,27 +351,28 @@ def messages_of(turns: list[tuple[str, str]], system: str = "") -> list[dict]:
 
 
 def predict(model, tokenizer, image_cfg, samples: list[Sample], cfg: EvalConfig, stop_ids, system: str,
-            desc: str = "") -> list[str]:
+            desc: str) -> list[str]:
     """Greedy answers, `batch_size` prompts at a time, left-padded (the same tokens as one at a time)."""
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0  # any id: the mask hides it
-    preds, bar = [], tqdm(total=len(samples), desc=desc, unit="sample", file=sys.stderr)
-    for i in range(0, len(samples), cfg.batch_size):
-        rows, pixels, grids = [], [], []
-        for s in samples[i : i + cfg.batch_size]:
-            try:
-                images = [open_image(x) for x in s.images]
-                ids, pv, grid = sample.build_prompt(tokenizer, messages_of(s.turns, system), images, image_cfg)
-            except (ValueError, FileNotFoundError, OSError) as e:
-                raise ValueError(f"{s.where}: {e}") from None
-            rows.append(ids)
-            if pv is not None:
-                pixels.append(pv), grids.append(grid)
-        ids, mask = sample.pad_left(rows, pad_id)
-        pv, grid = (torch.cat(pixels), torch.cat(grids)) if pixels else (None, None)
-        out = sample.generate(model, ids, mask, pv, grid, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids)
-        preds += [tokenizer.decode(o) for o in out]
-        bar.update(len(rows))
-    bar.close()
+    preds = []
+    with tqdm(total=len(samples), desc=desc, unit="sample", file=sys.stderr) as bar:
+        for i in range(0, len(samples), cfg.batch_size):
+            rows, pixels, grids = [], [], []
+            for s in samples[i : i + cfg.batch_size]:
+                try:
+                    images = [open_image(x) for x in s.images]
+                    ids, pv, grid = sample.build_prompt(tokenizer, messages_of(s.turns, system), images, image_cfg)
+                except (ValueError, OSError) as e:  # bad base64, a missing file, a file that is not an image
+                    raise ValueError(f"{s.where}: {e}") from None
+                rows.append(ids)
+                if pv is not None:
+                    pixels.append(pv)
+                    grids.append(grid)
+            ids, mask = sample.pad_left(rows, pad_id)
+            pv, grid = (torch.cat(pixels), torch.cat(grids)) if pixels else (None, None)
+            out = sample.generate(model, ids, mask, pv, grid, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids)
+            preds += [tokenizer.decode(o) for o in out]
+            bar.update(len(rows))
     return preds
 
 
@@ -410,8 +405,8 @@ def main(argv=None) -> dict:
                 for s, p, sc in zip(samples, preds, scores):
                     fh.write(json.dumps(dict(index=s.index, category=s.category, prompt=s.turns, prediction=p,
                                              refs=s.refs, **sc), ensure_ascii=False) + "\n")
-            result = summarise(samples, scores)
-            result.update(seconds=round(seconds, 2), samples_per_s=round(len(samples) / max(seconds, 1e-9), 3))
+            result = dict(summarise(samples, scores), seconds=round(seconds, 2),
+                          samples_per_s=round(len(samples) / max(seconds, 1e-9), 3))
             summary["results"][f] = result
             print(f"{f}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "per_category"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
