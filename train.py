@@ -289,7 +289,7 @@ def main(cfg: TrainConfig) -> None:
     if world > 1:
         # FSDP's state holds the process group (through its device mesh) in reference cycles: collect them while
         # the interpreter is alive, so the group really ends here; left to interpreter exit, gloo's threads could
-        # abort a rank ("terminate called without an active exception", ~1 run in 8 of test_train on 2 cores)
+        # abort a rank ("terminate called without an active exception": 4 runs in 25 of test_train on 2 cores)
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
