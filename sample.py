@@ -119,7 +119,8 @@ def pack_for_cpu(model: M.VLM) -> int:
     The vision tower is left alone: it runs once per prompt on many rows, where the layout gains nothing.
     A tied lm_head gets its own packed copy (the embedding keeps the original for lookups)."""
     w = model.lm_head.weight
-    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() \
+            or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return 0
     swapped = 0
     for parent in [model, *model.model.modules()]:

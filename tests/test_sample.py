@@ -329,6 +329,13 @@ def test_packed_bf16_decoder_is_bit_identical(text_model_dir, kind):
     assert S.pack_for_cpu(M.from_pretrained(path)) == 0  # fp32 keeps F.linear: transformers' exact numbers
 
 
+def test_no_onednn_means_no_packing(text_model_dir, monkeypatch):
+    _, path = text_model_dir("qwen3")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = M.from_pretrained(path, dtype=torch.bfloat16)
+    assert S.pack_for_cpu(model) == 0 and type(model.lm_head) is torch.nn.Linear
+
+
 def test_load_packs_a_vl_model_and_its_images_give_the_same_answer(cli_dir):
     model, tok, image_cfg = S.load(cli_dir, "cpu", torch.bfloat16)
     plain = M.from_pretrained(cli_dir, dtype=torch.bfloat16)
