@@ -1,6 +1,7 @@
 """Hugging Face checkpoints <-> our modules: the safetensors name map, strict loading, saving, and assembling
 a new VLM from a VL model's vision tower and a Qwen3 LLM:
 
+    model = from_pretrained(DIR, device="cuda", dtype=torch.bfloat16)   # any model dir: an LLM, a VLM
     python convert.py assemble --vision DIR --llm DIR --out DIR [--merger-init fresh|copy] [--dtype bfloat16]
 
 Our module tree mirrors the checkpoints: `model.*` is the decoder, `visual.*` the vision tower (with its
@@ -29,7 +30,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-import model as M  # model.py imports this module too; M is only used inside functions, so the cycle is harmless
+import model as M
+import pixels
 from merger import PatchMerger
 
 # checkpoint prefix -> ours; the first that matches wins
@@ -63,6 +65,12 @@ def hf_name(name: str, hf_config: dict) -> str:
 
 
 # ---- loading ----
+
+
+def read_config(path: Path) -> dict:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json, not a model directory")
+    return json.loads((path / "config.json").read_text())
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
@@ -123,6 +131,18 @@ def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> di
                              "embed_tokens.weight; set tie_word_embeddings false in config.json to keep both")
         state["lm_head.weight"] = embed  # the model ties them again after loading
     return state
+
+
+def from_pretrained(path, device=None, dtype: torch.dtype | None = None) -> M.VLM:
+    """A ready model for an HF directory (config.json + safetensors), built on the meta device and filled in
+    place with the checkpoint's tensors (assign=True), so peak memory stays near one copy of the weights.
+    dtype None keeps the stored dtype."""
+    path = Path(path)
+    with torch.device("meta"):
+        model = M.VLM(M.config_from_hf(read_config(path)))
+    model.load_state_dict(load_state_dict(path, model, device=device, dtype=dtype), strict=True, assign=True)
+    model.tie_weights()  # assign=True replaced the parameter objects: tie again
+    return model.eval()
 
 
 ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -285,12 +305,6 @@ LAST_LINEAR = ("linear_fc2.weight", "linear_fc2.bias", "mlp.2.weight", "mlp.2.bi
 LAYER = re.compile(r"((?:layers|blocks|deepstack_merger_list)\.)(\d+)\.")
 
 
-def read_config(path: Path) -> dict:
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json, not a model directory")
-    return json.loads((path / "config.json").read_text())
-
-
 def assembled_config(vdir: Path, ldir: Path, dtype: str) -> dict:
     """config.json of the new model: the donor's vision config (merger width = the LLM's hidden size) and vision
     token ids; a text config written from the LLM's TextConfig, with the donor family's M-RoPE sections.
@@ -431,8 +445,6 @@ def plan(cfg: M.ModelConfig, hf: dict, sources: dict, a: AssembleArgs) -> tuple[
 
 def assemble(a: AssembleArgs) -> dict[str, tuple[str, str]]:
     """Write the new model dir; return {output tensor: (origin, source)}, origin vision | llm | fresh | cropped."""
-    import data  # only for the donor's image preprocessing settings
-
     vdir, ldir, out = Path(a.vision), Path(a.llm), Path(a.out)
     dtype = getattr(torch, a.dtype, None)
     if a.merger_init not in ("fresh", "copy") or not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -445,14 +457,14 @@ def assemble(a: AssembleArgs) -> dict[str, tuple[str, str]]:
     cfg = M.config_from_hf(hf)
     check_tokenizers(vdir, ldir, [cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id],
                      cfg.text.vocab_size)
-    image = data.image_config_from_dir(vdir, patch_size=cfg.vision.patch_size)
+    image = pixels.image_config_from_dir(vdir, patch_size=cfg.vision.patch_size)
     if (image.merge_size, image.temporal_patch_size) != (cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
         raise ValueError(f"{vdir}/preprocessor_config.json does not match its vision tower's merge/temporal size")
     sources = {"vision": checkpoint_tensors(vdir), "llm": checkpoint_tensors(ldir)}
     items, origins, dropped = plan(cfg, hf, sources, a)
     write_checkpoint(out, hf, items, a.max_shard_size)  # one tensor in memory at a time
     copy_model_files(ldir, out)  # the LLM's tokenizer, chat template and generation config
-    data.save_image_config(image, out)  # the vision donor's image preprocessing
+    pixels.save_image_config(image, out)  # the vision donor's image preprocessing
     write_json(out / "assemble.json", {"args": dataclasses.asdict(a), "tensors": origins, "dropped": dropped})
     print(report(origins, {it.name: math.prod(it.shape) for it in items}, len(dropped)))
     return origins

@@ -34,9 +34,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import convert
-import data
 import eval as evaluate  # eval.py (the name `eval` is Python's builtin)
 import model as M
+import pixels
 import sample
 import train
 from merger import PatchMerger
@@ -241,7 +241,7 @@ def make_donor(hf: dict, tok_dir: Path, out: Path, seed: int) -> None:
     eos = hf.get("text_config", hf)["eos_token_id"]
     (out / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[eos], do_sample=False)) + "\n")
     if "vision_config" in hf:
-        data.save_image_config(data.ImageConfig(patch_size=16, min_pixels=32 * 32, max_pixels=SIZE * SIZE,
+        pixels.save_image_config(pixels.ImageConfig(patch_size=16, min_pixels=32 * 32, max_pixels=SIZE * SIZE,
                                                 image_mean=(0.5,) * 3, image_std=(0.5,) * 3), out)
 
 

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import pixels
 import sample
 
 
@@ -148,7 +149,7 @@ def tsv_sample(row: dict, letters: list[str], image_of: dict, root: Path, where:
 
 def open_image(src: str | Path):
     """A row's image, decoded: base64 text (the TSV `image` column) or a file."""
-    return data.load_image(src if isinstance(src, Path) else io.BytesIO(base64.b64decode(src)))
+    return pixels.load_image(src if isinstance(src, Path) else io.BytesIO(base64.b64decode(src)))
 
 
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}

@@ -1,23 +1,21 @@
 """The Qwen3 decoder and the VLM around it, in plain PyTorch.
 
 Read top to bottom: config -> norms and RoPE -> the one attention helper -> the KV cache -> the decoder blocks
--> 3-D positions (rope_index) -> the VLM (vision features scattered into the text, deepstack) -> loading.
-Module names mirror the Hugging Face checkpoints (`model.layers.0.self_attn.q_proj`, `visual.blocks.0...`), so
-loading is a short table of prefix rules in convert.py and no weight is permuted.
+-> 3-D positions (rope_index) -> the VLM (vision features scattered into the text, deepstack) -> reading an HF
+config.json (the one place that knows its keys). Module names mirror the Hugging Face checkpoints
+(`model.layers.0.self_attn.q_proj`, `visual.blocks.0...`), so loading (convert.from_pretrained) is a short table of
+prefix rules and no weight is permuted.
 """
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import convert
 from merger import RMSNorm  # one RMSNorm for text and vision: fp32 normalise, cast back, then scale
 from vision import VisionConfig, VisionTower
 
@@ -428,7 +426,7 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# loading
+# HF config.json -> our configs
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
@@ -510,19 +508,3 @@ def vision_config_from_hf(vision_config: dict, out_hidden_size: int | None = Non
         deepstack_indexes=tuple(vc.get("deepstack_visual_indexes", ())) if learned_pos else (),
         rope_theta=float((vc.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
     )
-
-
-def from_pretrained(path, device=None, dtype: torch.dtype | None = None) -> VLM:
-    """A ready model for an HF directory (config.json + safetensors), built on the meta device and filled in
-    place with the checkpoint's tensors (assign=True), so peak memory stays near one copy of the weights.
-    dtype None keeps the stored dtype."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json, not a model directory")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-    with torch.device("meta"):
-        model = VLM(cfg)
-    state = convert.load_state_dict(path, model, device=device, dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()  # assign=True replaced the parameter objects: tie again
-    return model.eval()

@@ -38,8 +38,10 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer
 
+import convert
 import data
 import model as M
+import pixels
 
 
 @dataclass
@@ -83,7 +85,7 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16):
     if not path.is_dir():
         raise FileNotFoundError(f"model dir not found: {path}")
     try:
-        model = M.from_pretrained(path, device=device, dtype=dtype)
+        model = convert.from_pretrained(path, device=device, dtype=dtype)
     except (KeyError, TypeError, json.JSONDecodeError) as e:  # a config.json that is not a Qwen model's
         raise ValueError(f"{path}: not a Qwen model dir ({type(e).__name__}: {e} in config.json)") from e
     if not (path / "tokenizer.json").is_file():
@@ -91,7 +93,7 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16):
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     image_cfg = None
     if model.visual is not None:
-        image_cfg = data.image_config_from_dir(path, patch_size=model.cfg.vision.patch_size)
+        image_cfg = pixels.image_config_from_dir(path, patch_size=model.cfg.vision.patch_size)
         if tokenizer.token_to_id("<|image_pad|>") != model.cfg.image_token_id:
             raise ValueError(f"{path}: config.json's image_token_id {model.cfg.image_token_id} is not "
                              f"tokenizer.json's <|image_pad|> ({tokenizer.token_to_id('<|image_pad|>')})")
@@ -179,9 +181,9 @@ def build_prompt(tokenizer: Tokenizer, messages: list[dict], images: Sequence = 
     if images:
         if image_cfg is None:
             raise ValueError("this model has no vision tower (a text-only LLM): it cannot take images")
-        pixel_values, grid = data.preprocess_images(list(images), image_cfg)
+        pixel_values, grid = pixels.preprocess_images(list(images), image_cfg)
         parts = text.split("<|image_pad|>")
-        counts = data.num_image_tokens(grid, image_cfg.merge_size)
+        counts = pixels.num_image_tokens(grid, image_cfg.merge_size)
         text = parts[0] + "".join("<|image_pad|>" * n + part for n, part in zip(counts, parts[1:]))
     return tokenizer.encode(text, add_special_tokens=False).ids, pixel_values, grid
 
@@ -322,7 +324,7 @@ def answer(model, tokenizer, image_cfg, messages, images, cfg: SampleConfig, sto
 
 def user_turn(text: str, paths: list[str]) -> tuple[dict, list]:
     """A user message with its images first (as Qwen's examples put them), and the decoded images."""
-    images = [data.load_image(p) for p in paths]  # raises, naming the file, if missing or not an image
+    images = [pixels.load_image(p) for p in paths]  # raises, naming the file, if missing or not an image
     return {"role": "user", "content": [{"type": "image"}] * len(paths) + [{"type": "text", "text": text}]}, images
 
 

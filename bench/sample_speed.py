@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import convert  # noqa: E402
 import model as M  # noqa: E402
 import sample  # noqa: E402
 
@@ -96,7 +97,7 @@ def main():
     d, dtype = Path(args.dir), getattr(torch, args.dtype)
     if not (d / "model.safetensors").is_file():
         make_checkpoint(d)
-    ours = M.from_pretrained(d, dtype=dtype)
+    ours = convert.from_pretrained(d, dtype=dtype)
     packed = sample.pack_for_cpu(ours)  # as sample.load does
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     cfg = ours.cfg.text

@@ -55,9 +55,9 @@ def run(impl: str, path: Path, seq: int, steps: int, stage: int) -> dict:
     torch.manual_seed(0)
     ids, labels, pv, grid = make_batch(seq)
     if impl == "ours":
-        import model as M
+        import convert
 
-        m = M.from_pretrained(path, dtype=torch.float32)
+        m = convert.from_pretrained(path, dtype=torch.float32)
 
         def loss_fn():
             return m(ids, pixel_values=pv, image_grid_thw=grid, labels=labels) / (labels[:, 1:] != -100).sum()

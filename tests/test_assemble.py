@@ -14,8 +14,8 @@ import transformers
 from safetensors import safe_open
 
 import convert
-import data
 import model as M
+import pixels
 from conftest import randomize
 from tiny_tokenizer import QWEN3, QWEN3_VL, QWEN25_VL, make_tokenizer
 
@@ -49,7 +49,7 @@ def qwen25_donor(out: Path, shard="30KB", tokenizer_vocab=400) -> Path:
                            patch_size=14, window_size=56, fullatt_block_indexes=[1, 3]), **token_ids(out))
     save(randomize(transformers.Qwen2_5_VLForConditionalGeneration(cfg), 1), out, QWEN25_VL, shard, tokenizer_vocab)
     # the Qwen2.5-VL preprocessor settings, with bounds of its own to show they are the donor's
-    data.save_image_config(data.image_config_from_dir(out, 14, min_pixels=56 * 56, max_pixels=28 * 28 * 64), out)
+    pixels.save_image_config(pixels.image_config_from_dir(out, 14, min_pixels=56 * 56, max_pixels=28 * 28 * 64), out)
     return out
 
 
@@ -151,10 +151,10 @@ def test_qwen25_vision_untied_qwen3(dirs, tmp_path, capsys):
     assert cfg.vision == dataclasses.replace(donor.vision, out_hidden_size=64)
     assert (out / "tokenizer.json").read_bytes() == (dirs["untied"] / "tokenizer.json").read_bytes()
     assert (out / "generation_config.json").read_bytes() == (dirs["untied"] / "generation_config.json").read_bytes()
-    assert data.image_config_from_dir(out) == data.image_config_from_dir(dirs["qwen25"])
+    assert pixels.image_config_from_dir(out) == pixels.image_config_from_dir(dirs["qwen25"])
 
     # ours loads it; on text it is exactly the LLM (1-D positions = 3-D positions with equal rows)
-    ours, ids = M.from_pretrained(out), torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(0))
+    ours, ids = convert.from_pretrained(out), torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(0))
     want = text_logits(dirs["hf_untied"], ids)
     assert (text_logits(ours, ids) - want).abs().max() < 1e-5
     # negative control: the second published recipe's bug, the template's rope_theta, shows in the logits
@@ -196,7 +196,7 @@ def test_qwen3vl_vision_tied_narrower_qwen3_copy(dirs, tmp_path):
     hf, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert hf.config.text_config.rope_parameters["rope_theta"] == 1e4 and hf.config.text_config.hidden_size == 48
-    ours, ids = M.from_pretrained(out), [1, 2, 408] + [403] * 6 + [401, 5, 6]
+    ours, ids = convert.from_pretrained(out), [1, 2, 408] + [403] * 6 + [401, 5, 6]
     ids, grid = torch.tensor([ids]), torch.tensor([[1, 4, 6]])
     pv = torch.randn(24, 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -218,7 +218,7 @@ def test_qwen25_vision_qwen2_is_a_qwen2_5_vl_checkpoint(dirs, tmp_path):
     assert "visual.merger.mlp.2.weight" in origins and "model.layers.0.self_attn.q_proj.bias" in origins
     hf, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ours, grid = M.from_pretrained(out), torch.tensor([[1, 4, 6]])
+    ours, grid = convert.from_pretrained(out), torch.tensor([[1, 4, 6]])
     ids = torch.tensor([[1, 2, 408] + [403] * 6 + [401, 5, 6]])
     pv = torch.randn(24, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -318,7 +318,7 @@ def test_errors(dirs, tmp_path):
         assemble(q3vl, tied, tmp_path / "full")
     assemble(q3vl, tied, tmp_path / "full", force=True)
     assert not (tmp_path / "full" / "model.safetensors.index.json").exists()
-    assert M.from_pretrained(tmp_path / "full") is not None
+    assert convert.from_pretrained(tmp_path / "full") is not None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ def test_save_state_dict_writes_what_transformers_writes(kind, tmp_path):
     else:
         hf = tiny_vlm(kind)
         hf.save_pretrained(tmp_path / "hf")
-    ours = M.from_pretrained(tmp_path / "hf")
+    ours = convert.from_pretrained(tmp_path / "hf")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     convert.save_state_dict(ours.state_dict(), tmp_path / "ours", hf_config, max_shard_size="50KB")
     want, got = read_all(tmp_path / "hf"), read_all(tmp_path / "ours")
@@ -359,7 +359,7 @@ def test_save_state_dict_is_strict_and_replaces_an_earlier_save(tmp_path):
     hf = tiny_vlm("qwen3_vl")
     hf.save_pretrained(tmp_path / "hf")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    state = M.from_pretrained(tmp_path / "hf").state_dict()
+    state = convert.from_pretrained(tmp_path / "hf").state_dict()
     bad = {k: v for k, v in state.items() if "q_norm" not in k} | {"visual.extra": torch.zeros(1)}
     bad["model.norm.weight"] = torch.ones(3)
     with pytest.raises(ValueError, match=r"(?s)missing model.layers.0.self_attn.q_norm.weight.*unexpected "
@@ -369,7 +369,7 @@ def test_save_state_dict_is_strict_and_replaces_an_earlier_save(tmp_path):
     shards = len(list((tmp_path / "out").glob("model-*.safetensors")))
     convert.save_state_dict(state, tmp_path / "out", hf_config)  # one file now: the index and shards must go
     assert shards > 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
-    assert all(torch.equal(v, M.from_pretrained(tmp_path / "out").state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(v, convert.from_pretrained(tmp_path / "out").state_dict()[k]) for k, v in state.items())
 
 
 def test_copy_model_files(dirs, tmp_path):

@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 from transformers import AutoImageProcessor, AutoTokenizer
 
+import convert
 import data as D
-import model as M
+import pixels
 import tiny_tokenizer as T
 from conftest import TEXT_CONFIGS, randomize
 
@@ -62,8 +63,8 @@ def make_model_dir(out: Path, family: str, weights: bool = True) -> Path:
     else:
         cfg.save_pretrained(out)
     factor = 2 * patch  # small bounds: every test image is a handful of tokens
-    D.save_image_config(D.ImageConfig(patch_size=patch, min_pixels=4 * factor**2, max_pixels=24 * factor**2,
-                                      image_mean=D.CLIP_MEAN, image_std=D.CLIP_STD), out)
+    pixels.save_image_config(pixels.ImageConfig(patch_size=patch, min_pixels=4 * factor**2, max_pixels=24 * factor**2,
+                                      image_mean=pixels.CLIP_MEAN, image_std=pixels.CLIP_STD), out)
     return out
 
 
@@ -139,15 +140,15 @@ def test_rendering_matches_processor_and_chat_template(family, name, model_dir, 
     messages, n_images = SAMPLES[name]
     chat = D.load_chat(d, D.DataConfig())
     ours = D.encode(sample(messages, images[:n_images]), chat, max_length=10_000)
-    ids, pixels, grid = oracle(family, d, messages, images[:n_images])
+    ids, pixel_values, grid = oracle(family, d, messages, images[:n_images])
     assert ours.input_ids.tolist() == ids.tolist()
     if n_images:
-        assert torch.equal(ours.pixel_values, pixels) and torch.equal(ours.image_grid_thw, grid)
-        assert len(set(D.num_image_tokens(grid, chat.image.merge_size))) == n_images  # sizes really differ
+        assert torch.equal(ours.pixel_values, pixel_values) and torch.equal(ours.image_grid_thw, grid)
+        assert len(set(pixels.num_image_tokens(grid, chat.image.merge_size))) == n_images  # sizes really differ
     # the linter measures the same length without preprocessing the pixels
     checked, problems = D.check_sample(sample(messages, images[:n_images]), chat, 10_000)
     assert not problems and checked.tokens == len(ids)
-    assert list(checked.image_tokens) == (D.num_image_tokens(grid, chat.image.merge_size) if n_images else [])
+    assert list(checked.image_tokens) == (pixels.num_image_tokens(grid, chat.image.merge_size) if n_images else [])
 
 
 def test_template_decides_system_prompt_and_think():
@@ -233,7 +234,7 @@ def loss_sum(net, batch: dict) -> torch.Tensor:
 def test_packed_loss_equals_unpacked(family, model_dir, images):
     d = model_dir(family)
     chat = D.load_chat(d, D.DataConfig())
-    net = M.from_pretrained(d, dtype=torch.float64)
+    net = convert.from_pretrained(d, dtype=torch.float64)
     ex = [D.encode(sample(m, images[:n]), chat, 10_000) for m, n in SAMPLES.values()]
     with torch.no_grad():
         one = sum(loss_sum(net, D.collate([[e]], chat.pad_id, chat.mrope)) for e in ex)
@@ -415,5 +416,5 @@ def test_loader_resumes_and_workers_agree(model_dir, images):
     # each batch's images are its own: pixel rows match the image tokens in it
     for b in full:
         grids = b.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
-        assert int((b["input_ids"] == chat.image_token_id).sum()) == sum(D.num_image_tokens(grids, 2))
+        assert int((b["input_ids"] == chat.image_token_id).sum()) == sum(pixels.num_image_tokens(grids, 2))
         assert b.get("pixel_values", torch.zeros(0)).shape[0] == int(grids.prod(-1).sum())

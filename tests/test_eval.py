@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import eval as E
+import pixels
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 OPTS = dict(A="cat", B="dog", C="bird", D="fish")
@@ -175,7 +176,6 @@ def model_dir(tmp_path_factory):
     import transformers
     from tokenizers import Tokenizer
 
-    import data
     import tiny_tokenizer as T
     from conftest import randomize
 
@@ -196,8 +196,8 @@ def model_dir(tmp_path_factory):
         eos_token_id=eos)
     torch.manual_seed(0)
     randomize(transformers.Qwen2_5_VLForConditionalGeneration(cfg), seed=3).save_pretrained(out)
-    data.save_image_config(data.ImageConfig(patch_size=14, min_pixels=4 * 28**2, max_pixels=8 * 28**2,
-                                            image_mean=data.CLIP_MEAN, image_std=data.CLIP_STD), out)
+    pixels.save_image_config(pixels.ImageConfig(patch_size=14, min_pixels=4 * 28**2, max_pixels=8 * 28**2,
+                                            image_mean=pixels.CLIP_MEAN, image_std=pixels.CLIP_STD), out)
     return out
 
 
@@ -233,7 +233,7 @@ def test_prompt_ids_are_what_transformers_makes_of_the_row(model_dir, tmp_path, 
         (s,) = E.read_jsonl(f)
     images = [E.open_image(x) for x in s.images]
     system = data.template_defaults(data.read_chat_template(model_dir))[0]
-    image_cfg = data.image_config_from_dir(model_dir, patch_size=14)
+    image_cfg = pixels.image_config_from_dir(model_dir, patch_size=14)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     ids, pv, grid = sample.build_prompt(tok, E.messages_of(s.turns, system), images, image_cfg)
 

@@ -1,4 +1,4 @@
-"""Image preprocessing parity: data.py against transformers' own image processor (the PIL backend, which is what
+"""Image preprocessing parity: pixels.py against transformers' own image processor (the PIL backend, which is what
 AutoImageProcessor returns for a Qwen2.5-VL / Qwen3-VL dir when torchvision is not installed)."""
 
 import dataclasses
@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor
 from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from data import (CLIP_MEAN, CLIP_STD, FAMILY_DEFAULTS, image_config_from_dir, load_image, num_image_tokens,
+from pixels import (CLIP_MEAN, CLIP_STD, FAMILY_DEFAULTS, image_config_from_dir, load_image, num_image_tokens,
                   preprocess_images, save_image_config, smart_resize, to_rgb)
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import convert
 import model as M
 import train
 from test_data import make_model_dir
@@ -97,7 +98,7 @@ def test_stage1_trains_only_the_mergers(model_dir, tmp_path):
     state_keys = [k for k in keys if k.startswith("optim.state.") or k.startswith("model.")]
     assert state_keys and all("merger" in k for k in state_keys), [k for k in state_keys if "merger" not in k][:3]
     # and the output directory is a model dir our loader reads
-    assert isinstance(M.from_pretrained(tmp_path / "out"), M.VLM)
+    assert isinstance(convert.from_pretrained(tmp_path / "out"), M.VLM)
 
 
 def test_fsdp_two_processes_equal_one(model_dir, tmp_path):
