@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from attention import Segments, kernel_for, make_segments, segment_attention
 from merger import RMSNorm  # one RMSNorm for text and vision: fp32 normalise, cast back, then scale
 from vision import VisionConfig, VisionTower
-
-try:  # optional: packed documents on CUDA go through the varlen kernel instead of a dense mask
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,93 +95,97 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd); cos, sin (B, T, hd)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    """x (B, T, nh, hd); cos, sin (B, T, hd). Elementwise, so the same numbers as HF's (B, nh, T, hd) layout."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# attention: one mask helper, one attention call
-
-
-def attention_mask(
-    q_len: int, k_len: int, padding: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """The mask for every case, True = may attend; None = nothing to mask beyond causality, which attend()
-    gets from SDPA's is_causal (q_len == k_len) or needs none at all (q_len == 1: one decoded token sees the cache).
-
-    The last q_len of k_len positions are the queries, so causality is aligned bottom-right: with a cache,
-    query i sits at absolute position k_len - q_len + i. padding (B, k_len): 1 for real tokens, 0 for pads
-    (left or right). doc_ids (B, k_len): packed documents, a token sees only its own document.
-    """
-    if padding is None and doc_ids is None and (q_len == k_len or q_len == 1):
-        return None  # the common decode step builds no mask
-    device = padding.device if padding is not None else doc_ids.device if doc_ids is not None else None
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)
-    k_pos = torch.arange(k_len, device=device)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, q, k)
-    if padding is not None:
-        mask = mask & padding.bool()[:, None, None, :]
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, None, -q_len:, None] == doc_ids[:, None, None, :])
-    # a pad query may see nothing at all; let every query see itself so no softmax row is empty (NaN)
-    return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
-
-
-def doc_cu_seqlens(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(1, T) document ids -> cu_seqlens (n_docs + 1,) int32 and the longest document, for flash-attn varlen."""
-    _, counts = torch.unique_consecutive(doc_ids[0], return_counts=True)
-    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    return cu, int(counts.max())
-
-
-def attend(q, k, v, mask: torch.Tensor | None, cu_seqlens=None) -> torch.Tensor:
-    """q (B, nh, Tq, hd), k/v (B, nkv, Tk, hd) -> (B, nh, Tq, hd)."""
-    if cu_seqlens is not None:  # packed documents, batch of one, on CUDA with flash-attn installed
-        cu, max_len = cu_seqlens
-        q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (T, nh, hd): the varlen layout
-        y = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
-        return y.transpose(0, 1)[None]
-    B, nh, Tq, hd = q.shape
-    nkv = k.shape[1]
-    if Tq == 1 and nkv != nh:  # a decode step: each kv head's query heads become its query rows (h -> h // group,
-        # as enable_gqa pairs them), so no key or value is copied per query head; the mask (B, 1, 1, Tk) broadcasts
-        y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
-        return y.view(B, nh, 1, hd)
-    # is_causal is top-left aligned in SDPA: right for a full square, wrong for one query against a cache
-    causal = mask is None and Tq > 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+# attention: segments for training and prefill (attention.py); a padding mask for steps that continue a cache
 
 
 class KVCache:
-    """Preallocated keys and values of every layer, owned by the caller and passed to each forward.
+    """Per layer, preallocated (B, kv_heads, max_len, head_dim) keys and values, owned by the caller and passed to
+    each forward, which writes its T new tokens in place at slots `cache_position` (index_copy_, never a new
+    buffer) and, when called without cache_position, advances `length` (the slots written) by T.
 
-    `length` tokens are stored; a forward of T new tokens writes slots [length, length + T) and advances it.
-    `rope_delta` (B, 1) is the VLM's 3-D position offset: a new token's position = its index among the real
-    tokens + rope_delta (HF's rope_deltas); it is set by the prefill forward.
-    `dtype` is normally the model's (sample.generate's choice, as transformers'); a wider one makes attention run
-    in it (bf16 keys and values are exact in fp32) at twice the bytes read per decoded token.
+    static=False reads back only the slots written so far (the least work, on CPU); static=True always reads all
+    max_len slots with a mask over the unwritten ones: one shape for a whole generation, so a compiled decode step
+    (and its CUDA graph) is made once. `rope_delta` (B, 1) is the VLM's 3-D position offset: a new token's
+    position = its index among the real tokens + rope_delta (HF's rope_deltas); the prefill forward sets it.
+    `dtype` is normally the model's; a wider one makes attention run in it at twice the bytes read per token.
     """
 
-    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-        self.rope_delta: torch.Tensor | None = None
+    def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32,
+                 static: bool = False):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.length, self.static, self.rope_delta = 0, static, None
+        if static:  # the buffers keep their addresses: a CUDA graph may capture them
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, nkv, T, hd) after the cached ones; return all keys and values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, at: torch.Tensor):
+        """Write k, v (B, nkv, T, hd) at slots `at` (T,); return the keys and values to attend over."""
+        self.k[layer].index_copy_(2, at, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, at, v.to(self.v[layer].dtype))
+        if self.static:
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} tokens do not fit in max_len={self.max_len}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class AttentionPlan(NamedTuple):
+    """How one forward attends, decided once for all its layers."""
+    at: torch.Tensor | None  # (T,) cache slots of the new tokens; None without a cache
+    real: torch.Tensor | None  # segments: flat indices of the real tokens of (B*T); None = all are real
+    segments: Segments | None  # training and prefill: each row's real tokens, split by packed document
+    mask: torch.Tensor | None  # a cache continuation: (B|1, 1, T, slots) True = may attend; None = all
+
+
+def plan_attention(B: int, T: int, x: torch.Tensor, padding, doc_ids, cache: KVCache | None, at) -> AttentionPlan:
+    """Training and a cache's first forward (prefill) attend over segments, never a (T, T) mask. A forward that
+    continues a cache attends over its slots: causal by slot (a new token at slot s sees slots <= s, bottom-right
+    aligned), without pads and, when static, without the slots not written yet."""
+    if cache is None or (at is None and cache.length == 0):
+        ids = torch.arange(B, device=x.device)[:, None] * (T + 1)  # a row's tokens never meet another row's
+        ids = (ids + doc_ids if doc_ids is not None else ids.expand(B, T)).flatten()
+        real = padding.bool().flatten().nonzero().squeeze(1) if padding is not None else None
+        segments = make_segments(ids if real is None else ids[real], kernel_for(x))
+        return AttentionPlan(at if at is not None or cache is None else torch.arange(T, device=x.device),
+                             real, segments, None)
+    if doc_ids is not None:
+        raise ValueError("doc_ids (packed documents) are for training and prefill, not for continuing a cache")
+    if at is None:
+        at = torch.arange(cache.length, cache.length + T, device=x.device)
+    slots = cache.max_len if cache.static else cache.length + T
+    if not cache.static and padding is None and T == 1:
+        return AttentionPlan(at, None, None, None)  # one new token sees every slot: no mask at all
+    if T > 1 and x.is_cuda:
+        raise ValueError(f"continuing a KV cache with {T} tokens at once needs a dense (B, 1, {T}, {slots}) mask, "
+                         "which SDPA runs in its fp32 math kernel on CUDA: prefill the prompt in one forward "
+                         "(an empty cache) and decode one token a step")
+    k_pos = torch.arange(slots, device=x.device)
+    mask = (k_pos[None, :] <= at[:, None])[None, None]  # (1, 1, T, slots)
+    if padding is not None:
+        mask = mask & padding[:, None, None, :slots].bool()
+    return AttentionPlan(at, None, None, mask | (k_pos[None, :] == at[:, None]))  # a pad query sees itself
+
+
+def cached_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """q (B, nh, T, hd) new tokens; k, v (B, nkv, S, hd) cache slots -> (B, nh, T, hd)."""
+    B, nh, T, hd = q.shape
+    nkv = k.shape[1]
+    if T == 1 and nkv != nh:  # a decode step: each kv head's query heads become its query rows (h -> h // group,
+        # as enable_gqa pairs them), so no key or value is copied per query head; the mask (B, 1, 1, S) broadcasts
+        y = F.scaled_dot_product_attention(q.view(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
+        return y.view(B, nh, 1, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=nkv != nh)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,19 +205,26 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, cu_seqlens=None):
+    def forward(self, x, cos, sin, plan: AttentionPlan, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, nh, hd) -> (B, nh, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # in the cache's dtype (see KVCache)
-        y = attend(q.to(k.dtype), k, v, mask, cu_seqlens).to(x.dtype)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        if cache is not None:  # (B, T, nkv, hd) -> (B, nkv, T, hd), the cache's layout
+            keys, values = cache.update(self.layer, k.transpose(1, 2), v.transpose(1, 2), plan.at)
+        if plan.segments is not None:  # only this forward's tokens: (B, T, h, hd) -> (B*T, h, hd), real ones
+            q, k, v = (t.reshape(B * T, -1, self.hd) for t in (q, k, v))
+            if plan.real is not None:
+                q, k, v = q[plan.real], k[plan.real], v[plan.real]
+            y = segment_attention(q, k, v, plan.segments, causal=True)
+            if plan.real is not None:  # pads' outputs are zeros: no loss, no later token reads them
+                y = y.new_zeros(B * T, self.nh, self.hd).index_copy(0, plan.real, y)
+        else:
+            y = cached_attention(q.transpose(1, 2).to(keys.dtype), keys, values, plan.mask).transpose(1, 2)
+        return self.o_proj(y.reshape(B, T, self.nh * self.hd).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -238,8 +246,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, cu_seqlens=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cu_seqlens)
+    def forward(self, x, cos, sin, plan: AttentionPlan, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -253,21 +261,22 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, padding=None, doc_ids=None, cache=None, visual_mask=None, deepstack=()):
-        """x (B, T, D) embeddings; positions (B, T) or (3, B, T); padding (B, cached + T)."""
+    def forward(self, x, positions, padding=None, doc_ids=None, cache=None, visual_mask=None, deepstack=(),
+                cache_position=None):
+        """x (B, T, D) embeddings; positions (B, T) or (3, B, T); padding (B, slots): 1 real, 0 pad.
+
+        With a cache and no cache_position the T tokens go to the next free slots and cache.length advances;
+        a compiled decode step passes cache_position (T,) and keeps count itself (see sample.generate)."""
         B, T, _ = x.shape
-        past = cache.length if cache is not None else 0
+        if cache is not None and cache_position is None and cache.length + T > cache.max_len:
+            raise ValueError(f"KV cache full: {cache.length + T} tokens do not fit in max_len={cache.max_len}")
         cos, sin = rope_cos_sin(positions, self.cfg, x.dtype)
-        cu_seqlens = None
-        if doc_ids is not None and flash_attn_varlen_func is not None and x.is_cuda and B == 1 and past == 0:
-            cu_seqlens, mask = doc_cu_seqlens(doc_ids), None
-        else:
-            mask = attention_mask(T, past + T, padding, doc_ids)
+        plan = plan_attention(B, T, x, padding, doc_ids, cache, cache_position)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, cu_seqlens)
+            x = layer(x, cos, sin, plan, cache)
             if i < len(deepstack):  # Qwen3-VL: vision block features added to the first layers' outputs
                 x = x.masked_scatter(visual_mask[..., None], x[visual_mask] + deepstack[i].to(x.dtype))
-        if cache is not None:
+        if cache is not None and cache_position is None:
             cache.length += T
         return self.norm(x)
 
@@ -390,37 +399,39 @@ class VLM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
                 cache: KVCache | None = None, doc_ids=None, labels=None, return_hidden: bool = False,
-                vision_always: bool = False):
+                vision_always: bool = False, cache_position=None):
         """input_ids (B, T) -> logits (B, T, vocab); the final hidden states (B, T, D) with return_hidden; with
         labels (B, T) (-100 = not trained), the summed next-token cross-entropy (fp32 scalar) instead.
 
         attention_mask (B, cached + T) marks real tokens (1) and pads (0); doc_ids (B, T) separates packed
-        documents (pass their restarting position_ids too); cache continues a previous forward.
+        documents (pass their restarting position_ids too); cache continues a previous forward (cache_position:
+        see TextModel.forward).
         """
         x, visual_mask, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, vision_always)
         if position_ids is None:
             position_ids = self.positions(input_ids, image_grid_thw, attention_mask, cache)
-        h = self.model(x, position_ids, attention_mask, doc_ids, cache, visual_mask, deepstack)
+        h = self.model(x, position_ids, attention_mask, doc_ids, cache, visual_mask, deepstack, cache_position)
         if labels is not None:
             targets = labels[:, 1:]
             keep = targets != -100  # position t predicts token t + 1
-            return chunked_cross_entropy(h[:, :-1][keep], self.lm_head.weight, targets[keep])
+            return chunked_cross_entropy(h[:, :-1][keep], self.lm_head, targets[keep])
         return h if return_hidden else self.lm_head(h)
 
 
-def _ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, weight).float(), targets, reduction="sum")
+def _ce_sum(h: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), targets, reduction="sum")
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 2048):
-    """Sum of cross-entropy of h (N, D) @ weight.T against targets (N,), `chunk` rows at a time.
+def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 2048):
+    """Sum of cross-entropy of head(h) (h (N, D), head the lm_head: called as a module, so that an FSDP unit of
+    its own gathers its weight) against targets (N,), `chunk` rows at a time.
 
     Only label positions come in, and each chunk's fp32 logits (chunk x vocab) are recomputed in backward
     (checkpoint) rather than kept: with a 152k vocabulary, all positions' fp32 logits would dwarf the model.
     """
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk):
-        part = (h[s : s + chunk], weight, targets[s : s + chunk])
+        part = (h[s : s + chunk], head, targets[s : s + chunk])
         total = total + (checkpoint(_ce_sum, *part, use_reentrant=False) if torch.is_grad_enabled() else _ce_sum(*part))
     return total
 

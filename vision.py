@@ -13,12 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from attention import Segments, kernel_for, make_segments, segment_attention
 from merger import MergerConfig, PatchMerger, make_norm
-
-try:  # flash-attn is an optional CUDA extra; CPU and plain-SDPA runs never need it
-    from flash_attn import flash_attn_varlen_func
-except ImportError:
-    flash_attn_varlen_func = None
 
 
 @dataclass(frozen=True)
@@ -79,22 +75,6 @@ def window_order(g: PatchGrid, m: int, win: int) -> tuple[torch.Tensor, torch.Te
     window = first[f] + (r // win) * n_ww[f] + c // win                       # (M,) global window id
     order = torch.argsort(window * win * win + (r % win) * win + c % win)     # keys are unique
     return order, window[order]
-
-
-class Segments(NamedTuple):
-    """Block-diagonal attention: tokens attend only inside their (contiguous) segment (a window, or a frame)."""
-    cu_seqlens: torch.Tensor         # (S+1,) int32, for flash-attn varlen
-    max_seqlen: int
-    groups: list[torch.Tensor]       # for SDPA: per segment length L, the (n_L, L) token rows of its segments
-
-
-def make_segments(ids: torch.Tensor, flash: bool) -> Segments:
-    # ids: (N,) non-decreasing segment id per token
-    _, lengths = torch.unique_consecutive(ids, return_counts=True)
-    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    groups = [] if flash else [cu[:-1][lengths == L, None] + torch.arange(L, device=ids.device)
-                               for L in lengths.unique().tolist()]
-    return Segments(cu, int(lengths.max()), groups)
 
 
 def rope_cos_sin(row: torch.Tensor, col: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, ...]:
@@ -163,13 +143,7 @@ class VisionAttention(nn.Module):
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, nh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if not seg.groups:  # flash-attn: non-causal, scale hd^-0.5 (flash-attn's default)
-            o = flash_attn_varlen_func(q, k, v, seg.cu_seqlens, seg.cu_seqlens, seg.max_seqlen, seg.max_seqlen)
-        else:  # segments of one length make one batch, no mask: the cost is sum(L^2), not N^2
-            o = torch.empty_like(q)
-            for rows in seg.groups:
-                qs, ks, vs = (t[rows].transpose(1, 2) for t in (q, k, v))      # (n_L, nh, L, hd)
-                o[rows] = F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2)
+        o = segment_attention(q, k, v, seg, causal=False)                     # (N, nh, hd)
         return self.proj(o.reshape(N, -1))
 
 
@@ -244,17 +218,17 @@ class VisionTower(nn.Module):
             index, weight = pos_embed_taps(g, round(cfg.num_position_embeddings ** 0.5))
             x = x + (self.pos_embed(index) * weight[:, :, None]).sum(1).to(x.dtype)
         cos, sin = rope_cos_sin(g.row, g.col, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
-        flash = flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        kernel = kernel_for(x)  # a varlen kernel on CUDA in bf16, else SDPA per segment length
 
         frame, order = g.frame, None
         if cfg.window_size:
-            # Permute whole 2x2 blocks into window order so each window is contiguous (flash varlen needs
+            # Permute whole 2x2 blocks into window order so each window is contiguous (segments need
             # that); the merger works on any block order, so the permutation is undone after it.
             order, window = window_order(g, m, cfg.window_size // m // cfg.patch_size)
             rows = (order[:, None] * m * m + torch.arange(m * m, device=order.device)).flatten()  # (N,)
             x, cos, sin, frame = x[rows], cos[rows], sin[rows], frame[rows]
-            windows = make_segments(window.repeat_interleave(m * m), flash)
-        frames = make_segments(frame, flash)  # full attention is per frame, never across frames
+            windows = make_segments(window.repeat_interleave(m * m), kernel)
+        frames = make_segments(frame, kernel)  # full attention is per frame, never across frames
 
         deepstack = []
         for i, block in enumerate(self.blocks):
