@@ -221,16 +221,32 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def decode_step(model: M.VLM, tokens: torch.Tensor, cache: M.KVCache, mask: torch.Tensor | None) -> torch.Tensor:
-    """tokens (B, 1) -> next-token logits (B, vocab) fp32; appends to the cache. The function compiled on CUDA."""
-    return model(tokens, attention_mask=mask, cache=cache)[:, -1].float()
+def decode_step(model: M.VLM, tokens, cache: M.KVCache, mask, positions=None, slot=None) -> torch.Tensor:
+    """tokens (B, 1) -> next-token logits (B, vocab) fp32, its keys and values written into the cache in place.
+    Eager: positions and slot follow from the cache (mask: the slots so far). Compiled: the static cache, mask
+    (B, slots), positions (B, 1) and slot (1,) passed in, so every shape is fixed for a whole generation: one
+    graph (a CUDA graph on CUDA) per batch size and cache size."""
+    return model(tokens, attention_mask=mask, position_ids=positions, cache=cache, cache_position=slot)[:, -1].float()
 
 
 @functools.cache
-def compiled_decode_step():
-    """decode_step through torch.compile, made once per process. dynamic=True: one graph for every cache length
-    (the slices of the cache grow by one a step) instead of a recompile per step."""
-    return torch.compile(decode_step, dynamic=True)
+def compiled_decode_step(cuda: bool):
+    """decode_step through torch.compile, made once per process; on CUDA as CUDA graphs (reduce-overhead): one
+    replay a token instead of ~600 kernel launches from Python."""
+    return torch.compile(decode_step, mode="reduce-overhead" if cuda else None, dynamic=False, fullgraph=True)
+
+
+def cache_slots(tokens: int, context: int) -> int:
+    """The static cache's size: the next power of two from 1024 (capped at the context), so prompts of other
+    lengths reuse one compiled step."""
+    return min(context, max(1024, 1 << (tokens - 1).bit_length()))
+
+
+@functools.cache
+def static_cache(cfg: M.TextConfig, batch_size: int, slots: int, device: torch.device, dtype: torch.dtype):
+    """One static KV cache per shape for the process, reused by every generate call: a compiled step keeps the
+    buffers' addresses (a new cache would record a new CUDA graph). Stale slots are always masked."""
+    return M.KVCache(cfg, batch_size, slots, device, dtype, static=True)
 
 
 @torch.no_grad()
@@ -243,7 +259,8 @@ def generate(model: M.VLM, input_ids: torch.Tensor, attention_mask: torch.Tensor
     input_ids (B, T) are left-padded (attention_mask 0 on the pads), so every row's last column is real and the
     next tokens of all rows land in the same column. on_token(row, token) is called as each returned token is
     produced (for streaming). A row that has stopped is still fed (its tokens are ignored) until all rows stop or
-    max_new_tokens; max_new_tokens is cut to what fits in the model's context.
+    max_new_tokens; max_new_tokens is cut to what fits in the model's context. compile: the decode step through
+    torch.compile over a static cache (CUDA graphs on CUDA); else eager over the slots written so far (CPU).
     """
     device = next(model.parameters()).device
     B, T = input_ids.shape
@@ -259,32 +276,52 @@ def generate(model: M.VLM, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if pixel_values is not None:
         pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
 
-    cache = M.KVCache(model.cfg.text, B, T + max_new_tokens, device=device, dtype=model.model.norm.weight.dtype)
+    dtype = model.model.norm.weight.dtype
+    if compile:
+        cache = static_cache(model.cfg.text, B, cache_slots(T + max_new_tokens, context), device, dtype)
+        cache.length, cache.rope_delta = 0, None
+    else:
+        cache = M.KVCache(model.cfg.text, B, T + max_new_tokens, device=device, dtype=dtype)
     mask = None
-    if padded:  # one preallocated mask: pads 0, the prompt and every future token 1; step i reads a prefix view
-        mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
-        mask[:, :T] = attention_mask
-    step = compiled_decode_step() if compile else decode_step
+    if padded or compile:  # one preallocated mask: pads 0, the prompt and every future token 1
+        mask = torch.ones(B, cache.max_len, dtype=torch.long, device=device)
+        if attention_mask is not None:
+            mask[:, :T] = attention_mask
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    stop = set(stop_ids)
-    out, done = [[] for _ in range(B)], [False] * B
 
-    # prefill: the whole prompt and the images in one pass; logits only for the last column
+    # prefill: the whole prompt and the images in one pass (segment attention); logits only for the last column
     h = model(input_ids, pixel_values, image_grid_thw, attention_mask=None if mask is None else mask[:, :T],
               cache=cache, return_hidden=True)
     logits = model.lm_head(h[:, -1]).float()
+    if compile:  # the next token's position: the real tokens so far (+ the VLM's rope delta); its slot: T
+        step = compiled_decode_step(device.type == "cuda")
+        positions = mask[:, :T].sum(-1, keepdim=True) + (cache.rope_delta if cache.rope_delta is not None else 0)
+        slot = torch.tensor([T], device=device)
+    # the host reads the tokens every step only to stream them (or on CPU, where it costs nothing); else every 16
+    check = 1 if on_token is not None or device.type != "cuda" else 16
+    stop = torch.tensor(list(stop_ids) or [-1], device=device)
+    new = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    done, streamed = torch.zeros(B, dtype=torch.bool, device=device), [False] * B
     for i in range(max_new_tokens):
         tokens = pick(logits, temperature, top_k, top_p, generator)  # (B,)
-        for row, t in enumerate(tokens.tolist()):
-            if done[row] or t in stop:
-                done[row] = True
-                continue
-            out[row].append(t)
-            if on_token is not None:
-                on_token(row, t)
-        if all(done) or i == max_new_tokens - 1:
+        new[:, i] = tokens
+        done |= torch.isin(tokens, stop)
+        if on_token is not None:
+            for row, t in enumerate(tokens.tolist()):
+                streamed[row] = streamed[row] or t in stop_ids
+                if not streamed[row]:
+                    on_token(row, t)
+        if i == max_new_tokens - 1 or ((i + 1) % check == 0 and bool(done.all())):
             break
-        logits = step(model, tokens[:, None], cache, None if mask is None else mask[:, : cache.length + 1])
+        if compile:
+            logits = step(model, tokens[:, None], cache, mask, positions, slot)
+            positions, slot, cache.length = positions + 1, slot + 1, cache.length + 1
+        else:
+            logits = decode_step(model, tokens[:, None], cache, None if mask is None else mask[:, : cache.length + 1])
+    out = []
+    for row in new[:, : i + 1].tolist():  # each row up to its first stop id
+        cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
+        out.append(row[:cut])
     return out
 
 
