@@ -27,8 +27,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from tqdm import tqdm
 
 import convert
@@ -67,7 +69,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     dtype: str = "bfloat16"  # compute dtype; master weights, optimizer state and gradient reduction are fp32
     reshard_after_forward: bool = True  # False: keep gathered params from forward to backward (ZeRO-2-like)
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "auto"  # none | selective (recompute all but matmuls, attention) | full |
+    # auto (selective on CUDA, none on CPU)
+    compile: bool | None = None  # torch.compile each block; None = on CUDA
     skip_invalid: bool = False  # drop samples the data check rejects (reported) instead of refusing to start
     num_workers: int = 0
     seed: int = 0
@@ -105,17 +109,20 @@ def parse_args() -> TrainConfig:
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous, also across nodes); without them this
-    is one plain process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and the rendezvous, also across nodes); without them this is
+    one process on a one-rank group, so that 1 and N processes train the same FSDP2 model: one compute dtype for
+    weights, activations and the residual stream, fp32 master weights and gradient reduction."""
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+    kw = dict(device_id=device) if cuda else {}
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo", **kw)
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1, **kw)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def part_of(name: str) -> str:
@@ -134,45 +141,75 @@ def set_trainable(model: M.VLM, cfg: TrainConfig) -> dict[str, bool]:
     return train
 
 
-def load_model(cfg: TrainConfig, world: int, device: torch.device) -> tuple[M.VLM, dict, torch.dtype]:
-    """The model with fp32 master weights, trainable parts set, checkpointing and sharding applied.
+def load_model(cfg: TrainConfig, device: torch.device) -> tuple[M.VLM, dict, torch.dtype]:
+    """The model with fp32 master weights, trainable parts set, checkpointing, compile and FSDP2 applied.
 
-    One process: read the checkpoint and go. FSDP2 (torchtitan's way): every rank builds the model on the meta
-    device and shards it from outside (each vision block and decoder layer a unit, then the root: embeddings,
-    patch embed, mergers, final norm, lm_head); rank 0 alone reads the checkpoint and broadcasts it into the
-    shards. Params are cast to the compute dtype for forward/backward; gradients are reduced in fp32.
+    torchtitan's way, on any number of ranks (one included): every rank builds the model on the meta device and
+    shards it from outside: each vision block and decoder layer a unit, the embeddings a unit, the lm_head a unit
+    kept gathered from forward to backward (a tied lm_head stays with the embeddings in the root: one matrix),
+    then the root (patch embed, mergers, final norm). Rank 0 alone reads the checkpoint and broadcasts it into
+    the shards. Parameters are cast to the compute dtype for forward and backward; forward inputs are not cast
+    (the vision RoPE tables stay fp32, as in transformers); gradients are reduced in fp32.
     Returns the model, its HF config and the dtype the checkpoint stores (the final save keeps it).
     """
-    hf_config = json.loads((Path(cfg.model) / "config.json").read_text())
-    with torch.device("meta"):
-        model = M.VLM(M.config_from_hf(hf_config))
-    rank = dist.get_rank() if world > 1 else 0
-    state = convert.load_state_dict(cfg.model, model) if rank == 0 else {}
-    stored = [state["model.embed_tokens.weight"].dtype if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(stored, src=0)
-    set_trainable(model, cfg)
-    blocks = [*(model.visual.blocks if model.visual is not None else []), *model.model.layers]
-    if cfg.activation_checkpointing:  # keep each block's input only; recompute inside it in backward
-        from torch.distributed._composable import checkpoint
-
-        for block in blocks:
-            checkpoint(block)
-    if world == 1:
-        model.load_state_dict({k: v.to(device, torch.float32) for k, v in state.items()}, strict=True, assign=True)
-        model.tie_weights()
-        set_trainable(model, cfg)  # assign=True brought new parameter objects
-        return model, hf_config, stored[0]
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32)
+    hf_config = convert.read_config(Path(cfg.model))
+    with torch.device("meta"):
+        model = M.VLM(M.config_from_hf(hf_config))
+    rank = dist.get_rank()
+    state = convert.load_state_dict(cfg.model, model) if rank == 0 else {}
+    stored = [state["model.embed_tokens.weight"].dtype if rank == 0 else None]
+    dist.broadcast_object_list(stored, src=0)
+    set_trainable(model, cfg)
+    blocks = [*(model.visual.blocks if model.visual is not None else []), *model.model.layers]
+    ac = cfg.activation_checkpointing
+    ac = ("selective" if device.type == "cuda" else "none") if ac == "auto" else ac
+    for block in blocks:  # innermost first: checkpointing, then compile, then sharding (torchtitan's order)
+        if ac != "none":
+            checkpoint(block, **({"context_fn": selective_policy} if ac == "selective" else {}))
+        if cfg.compile or (cfg.compile is None and device.type == "cuda"):
+            block.compile()
+    compute = getattr(torch, cfg.dtype)
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in blocks:
         fully_shard(block, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    if not model.cfg.text.tie_word_embeddings:
+        fully_shard(model.model.embed_tokens, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+        fully_shard(model.lm_head, mp_policy=mp, reshard_after_forward=False)  # backward starts with it
     fully_shard(model, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
     model.to_empty(device=device)
-    state = {k: v.float() for k, v in state.items()}
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(model, {k: v.float() for k, v in state.items()},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, hf_config, stored[0]
+
+
+# torchtitan's op-level selective activation checkpointing: keep the outputs of matmuls and attention kernels
+# (the expensive ops), recompute everything else (norms, RoPE, activations, casts) in backward
+SAVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._scaled_dot_product_efficient_attention.default,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def selective_policy():
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return create_selective_checkpoint_contexts(policy)
+
+
+def memory_estimate(model, world: int, dtype: torch.dtype) -> str:
+    """Per-GPU bytes of what sharding decides (activations not included): fp32 master weights (all parameters),
+    fp32 gradients and AdamW's two fp32 moments (trainable ones), each over `world` ranks; plus the largest
+    unit gathered in the compute dtype, twice (the next one is prefetched)."""
+    params = {n: p for n, p in model.named_parameters()}
+    n_all = sum(p.numel() for p in params.values())
+    n_train = sum(p.numel() for p in params.values() if p.requires_grad)
+    unit = max(sum(p.numel() for p in b.parameters()) for b in [*model.model.layers, model.lm_head])
+    gb = [4 * n_all / world / 1e9, 4 * n_train / world / 1e9, 8 * n_train / world / 1e9,
+          2 * unit * dtype.itemsize / 1e9]
+    return (f"memory per rank (of {world}): weights {gb[0]:.2f} GB + grads {gb[1]:.2f} + AdamW {gb[2]:.2f} + "
+            f"gathered units {gb[3]:.2f} = {sum(gb):.2f} GB, before activations")
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -264,6 +301,20 @@ def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     return x
 
 
+def clip_grad_norm(params: list, max_norm: float, device: torch.device) -> torch.Tensor:
+    """clip_grad_norm_ with the sum of squares in float64: one process's sum and N ranks' partial sums of their
+    shards then round to the same fp32 norm, so 1 and N processes clip by the same factor (fp32 partial sums
+    differ in their last bits, and AdamW turns that into weights 4e-7 apart after 3 steps). Returns the norm."""
+    shards = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for g in shards:
+        total += g.double().pow(2).sum()
+    dist.all_reduce(total)
+    norm = total.sqrt().float()
+    torch._foreach_mul_(shards, (max_norm / (norm + 1e-6)).clamp(max=1.0))  # in place, on the local shards
+    return norm
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -285,13 +336,13 @@ MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_grid_thw", "attent
 
 def main(cfg: TrainConfig) -> None:
     rank, world, device = setup_distributed()
-    train(cfg, rank, world, device)
-    if world > 1:
+    try:
+        train(cfg, rank, world, device)
+    finally:
         # FSDP's state holds the process group (through its device mesh) in reference cycles: collect them while
         # the interpreter is alive, so the group really ends here; left to interpreter exit, gloo's threads could
         # abort a rank ("terminate called without an active exception": 4 runs in 25 of test_train on 2 cores)
         gc.collect()
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -324,7 +375,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         print(f"{total_steps} steps; epoch 0: {steps_per_epoch[0]} steps of {world} rank(s) x {cfg.grad_accum} "
               f"micro-batch(es) x {cfg.batch_size} row(s), {loader.efficiency(0):.1%} of token slots real")
 
-    model, hf_config, stored_dtype = load_model(cfg, world, device)
+    model, hf_config, stored_dtype = load_model(cfg, device)
     parts = {}  # part -> [parameters, trainable] (a DTensor's numel is its full size, not the shard's)
     for name, p in model.named_parameters():
         counts = parts.setdefault(part_of(name), [0, 0])
@@ -333,6 +384,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     if rank == 0:
         for part, (n, trainable) in parts.items():
             print(f"{part:>7}: {n / 1e6:9.3f}M parameters, {trainable / 1e6:9.3f}M trainable")
+        print(memory_estimate(model, world, getattr(torch, cfg.dtype)))
 
     groups = {}
     for name, p in model.named_parameters():
@@ -363,8 +415,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
             epoch, offset = epoch + 1, 0
 
     batches = micro_batches(*position)
-    amp = (torch.autocast(device.type, dtype=getattr(torch, cfg.dtype)) if world == 1 and cfg.dtype != "float32"
-           else torch.autocast(device.type, enabled=False))  # FSDP casts by its own policy
     n_params = sum(n for n, _ in parts.values())  # for MFU
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
@@ -381,13 +431,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         loss_sum = torch.zeros((), device=device)
         for b in micro:
             inputs = {k: b[k].to(device) for k in MODEL_INPUTS if b.get(k) is not None}
-            with amp:
-                s = model(**inputs, vision_always=True)
+            s = model(**inputs, vision_always=True)  # in the compute dtype: FSDP2 casts the parameters
             # FSDP averages gradients over ranks: times world turns that mean back into the global sum
             (s * world / n_labels.clamp(min=1)).backward()
             loss_sum += s.detach()
-        norm = torch.nn.utils.clip_grad_norm_([p for g in groups.values() for p in g], cfg.clip_grad)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = clip_grad_norm([p for g in groups.values() for p in g], cfg.clip_grad, device)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
