@@ -250,7 +250,7 @@ def make_donor(hf: dict, tok_dir: Path, out: Path, seed: int) -> None:
 
 
 def run_train(title: str, **settings) -> Path:
-    """python train.py with these settings (a fresh --out: train.py appends to a log.jsonl it finds there)."""
+    """python train.py with these settings, into a fresh --out (train.py refuses one that holds an earlier run)."""
     settings = dict(stage=2, dtype="float32", max_length=512, batch_size=8, warmup_steps=10, epochs=100) | settings
     flags = " ".join(f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
                      for k, v in settings.items())

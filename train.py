@@ -10,98 +10,122 @@ train_config.json beside the weights.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import gc
-import json
-import math
-import os
-import random
-import resource
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed._composable import checkpoint
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from tqdm import tqdm
-
-import convert
-import data
-import model as M
+import cli
 
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # HF-layout model dir (assemble's output or a previous stage's); default: the demo's (below)
-    data: list[str] = field(default_factory=lambda: ["out/demo/data/train.jsonl"])  # json / jsonl files
-    data_root: str = ""  # relative image paths are under this (default: each data file's directory)
-    out: str = ""  # default: out/demo/stage{stage}
-    stage: int = 1
-    train_vision: bool | None = None  # None: the stage decides (1: merger only, 2: everything)
-    train_merger: bool | None = None
-    train_llm: bool | None = None
-    lr: float = 1e-4
-    lr_vision: float | None = None  # per-part learning rates; None = lr
-    lr_merger: float | None = None
-    lr_llm: float | None = None
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    epochs: int = 1
-    max_steps: int = 0  # 0 = as many as `epochs` passes over the data take
+    # -- what to train
+    model: str = ""  # HF-layout model dir (assemble's output or a previous stage's); "" = the demo's
+    data: list[str] = field(default_factory=lambda: ["out/demo/data/train.jsonl"])  # .json / .jsonl files
+    data_root: str = ""  # relative image paths are under it; "" = each data file's own directory
+    out: str = ""  # the output model dir; "" = out/demo/stage{stage}
+    force: bool = False  # clear an --out that holds anything but this run's own checkpoints
+    stage: Literal[1, 2] = 1  # 1: the merger(s) only, vision and LLM frozen; 2: everything
+    train_vision: bool | None = None  # None: as the stage says (and -merger, -llm likewise)
+    train_merger: bool | None = None  # None: as the stage says
+    train_llm: bool | None = None  # None: as the stage says
+    # -- optimisation
+    lr: float = 1e-4  # peak learning rate (AdamW, betas 0.9 / 0.95)
+    lr_vision: float | None = None  # per-part learning rates; None = --lr
+    lr_merger: float | None = None  # None = --lr
+    lr_llm: float | None = None  # None = --lr
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    warmup_steps: int = 10  # linear warmup, then cosine
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    epochs: int = 1  # passes over the data
+    max_steps: int = 0  # 0 = as many as --epochs passes over the data take
     batch_size: int = 1  # rows per micro-batch per rank (a row packs several samples with --pack)
-    grad_accum: int = 1
-    max_length: int = 2048
-    pack: bool = True
+    grad_accum: int = 1  # micro-batches per optimizer step
+    clip_grad: float = 1.0  # max gradient norm
+    seed: int = 0  # data order and any random init
+    # -- data
+    max_length: int = 4096  # tokens per row; the linter's (data.py) default too
+    pack: bool = True  # bin-pack samples into rows of max_length; else one padded sample a row
     pack_window: int = 1024  # samples bin-packed together at a time
-    max_pixels: int | None = None  # None: the model dir's preprocessor settings
-    min_pixels: int | None = None
-    system_prompt: str | None = None  # None: as the chat template does ("" = none)
-    think: bool | None = None  # empty/with <think> block on the answer; None: as the chat template does
-    clip_grad: float = 1.0
-    dtype: str = "bfloat16"  # compute dtype; master weights, optimizer state and gradient reduction are fp32
+    max_pixels: int | None = None  # image bounds; None = the model dir's preprocessor_config.json
+    min_pixels: int | None = None  # None = the model dir's preprocessor_config.json
+    system_prompt: str | None = None  # None = as the chat template does; "" = none
+    think: bool | None = None  # an empty or filled <think> block on the answer; None = as the chat template does
+    skip_invalid: bool = False  # leave out the samples the data check rejects (listed) instead of stopping
+    num_workers: int = 0  # processes that build batches
+    # -- memory and speed
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # compute dtype; master weights, optimizer
+    # state and gradient reduction are fp32
     reshard_after_forward: bool = True  # False: keep gathered params from forward to backward (ZeRO-2-like)
-    activation_checkpointing: str = "auto"  # none | selective (recompute all but matmuls, attention) | full |
-    # auto (selective on CUDA, none on CPU)
+    activation_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"  # selective: recompute all
+    # but matmuls and attention (torchtitan's policy); auto: selective on CUDA, none on CPU
     compile: bool | None = None  # torch.compile each block; None = on CUDA
-    skip_invalid: bool = False  # drop samples the data check rejects (reported) instead of refusing to start
-    num_workers: int = 0
-    seed: int = 0
-    log_every: int = 1
-    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
-    keep_last: int = 2
+    peak_tflops: float = 0.0  # the device's peak for MFU; 0 = from its name
+    # -- checkpoints and logs
+    log_every: int = 1  # steps per log line (log.jsonl)
+    save_every: int = 250  # steps per checkpoint (0 = none before the end); --resume continues from the newest
+    keep_last: int = 2  # checkpoints kept (0 = all)
     resume: bool = False  # continue from the newest complete checkpoint under --out
-    max_shard_size: str = "4GB"
-    peak_tflops: float = 0.0  # for MFU on CUDA; 0 = from the device name (H100/H200 bf16 dense: 989)
+    max_shard_size: str = "4GB"  # of the output model's safetensors files
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "pack_window", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("max_steps", "warmup_steps", "save_every", "keep_last", "num_workers", "weight_decay",
+                     "peak_tflops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
+        for name in ("lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be above 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: must be within 0..1")
+        for name in ("max_pixels", "min_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
 
 
-def parse_args() -> TrainConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(TrainConfig(), f.name)
-        if f.type in ("bool", "bool | None"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "data":
-            p.add_argument(flag, nargs="+", default=default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type.split(" |")[0]]
-            p.add_argument(flag, type=kind, default=default)
-    cfg = TrainConfig(**vars(p.parse_args()))
+def parse_args(argv=None) -> TrainConfig:
+    p = cli.parser(TrainConfig, __doc__)
+    cfg = cli.settings(TrainConfig, p.parse_args(argv), p)
     # with no --model / --out: the demo's models (python demo.py makes them), stage 1 from the assembled model
-    demo = "out/demo/assembled" if cfg.stage == 1 else f"out/demo/stage{cfg.stage - 1}"
+    demo = "out/demo/assembled" if cfg.stage == 1 else "out/demo/stage1"
     if not cfg.model and not (Path(demo) / "config.json").is_file():
-        raise SystemExit(f"no --model given and the demo's {demo} does not exist yet: `python demo.py` makes it "
-                         "(the demo's world, donors and assembled model, offline, minutes on a CPU), or pass "
-                         "--model DIR --data FILE")
+        p.error(f"no --model given and the demo's {demo} does not exist yet: `python demo.py` makes it (the demo's "
+                "world, donors and assembled model, offline, minutes on a CPU), or pass --model DIR --data FILE")
+    for path in [cfg.model or demo, *cfg.data]:
+        if not Path(path).exists():
+            p.error(f"{path} does not exist")
     return dataclasses.replace(cfg, model=cfg.model or demo, out=cfg.out or f"out/demo/stage{cfg.stage}")
+
+
+if __name__ == "__main__":  # parse before the heavy imports below, so --help and a bad flag answer at once
+    CFG = parse_args()
+
+import gc  # noqa: E402 (the heavy imports come after the settings: see above)
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed._composable import checkpoint  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_state_dict, set_model_state_dict, set_state_dict)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import convert  # noqa: E402
+import data  # noqa: E402
+import model as M  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,8 +267,9 @@ def save_checkpoint(out: Path, step: int, position: tuple[int, int], model, opti
         (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
                                                       "world_size": world}))
         tmp.rename(final)  # the checkpoint exists only once it is whole
-        for old in sorted(out.glob("checkpoints/step_????????"))[: -cfg.keep_last]:
-            shutil.rmtree(old)
+        if cfg.keep_last:  # 0 keeps them all
+            for old in sorted(out.glob("checkpoints/step_????????"))[: -cfg.keep_last]:
+                shutil.rmtree(old)
     barrier(world)
 
 
@@ -260,7 +285,9 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> tuple[
     """Restore the newest complete checkpoint; returns its step and this rank's data position (epoch, offset)."""
     done = sorted(out.glob("checkpoints/step_????????"))
     if not done:
-        raise FileNotFoundError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+        if rank == 0:
+            print(f"--resume: no complete checkpoint under {out / 'checkpoints'} yet: starting a fresh run")
+        return 0, (0, 0)
     path = done[-1]
     model_sd, optim_sd = trainable_state(model, optimizer)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
@@ -278,6 +305,8 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> tuple[
     torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+    if rank == 0:
+        print(f"resumed from {path} at step {trainer['step']} (epoch {rng['data'][0]}, sample {rng['data'][1]})")
     return trainer["step"], tuple(rng["data"])
 
 
@@ -338,6 +367,11 @@ def main(cfg: TrainConfig) -> None:
     rank, world, device = setup_distributed()
     try:
         train(cfg, rank, world, device)
+    except KeyboardInterrupt:
+        done = sorted(Path(cfg.out).glob("checkpoints/step_????????"))
+        where = (f"the same command with --resume continues from {done[-1]}" if done else
+                 f"no checkpoint was written yet (one every --save-every {cfg.save_every} steps)")
+        raise SystemExit(f"\ninterrupted: {where}") from None
     finally:
         # FSDP's state holds the process group (through its device mesh) in reference cycles: collect them while
         # the interpreter is alive, so the group really ends here; left to interpreter exit, gloo's threads could
@@ -346,8 +380,30 @@ def main(cfg: TrainConfig) -> None:
         dist.destroy_process_group()
 
 
+def claim_out(cfg: TrainConfig, rank: int) -> None:
+    """--out must be new, empty, or this run's own (checkpoints to --resume from); --force clears anything else
+    first. Every rank looks before rank 0 changes anything."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file, not a directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    own = cfg.resume and (out / "checkpoints").is_dir()
+    if held and not own and not cfg.force:
+        what = "a model (config.json and weights)" if "config.json" in held else \
+            f"{len(held)} file(s) ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+        raise SystemExit(f"error: --out {out} already holds {what}: choose a new --out, --resume to continue the run "
+                         "whose checkpoints are there, or --force to clear it first")
+    dist.barrier()
+    if rank == 0 and held and not own:
+        for p in out.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print(f"--force: cleared {out} ({len(held)} entries)")
+    dist.barrier()
+
+
 def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
     out = Path(cfg.out)
+    claim_out(cfg, rank)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -416,7 +472,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
 
     batches = micro_batches(*position)
     n_params = sum(n for n, _ in parts.values())  # for MFU
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    log = None
+    if rank == 0:  # a resumed run replays from its checkpoint: the lines after it are superseded
+        old = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []
+        (out / "log.jsonl").write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+        log = open(out / "log.jsonl", "a")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
     model.train()
     t0, seen = time.perf_counter(), torch.zeros(2, device=device)  # real tokens and samples since the last log line
@@ -454,7 +514,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                        tokens_per_s=tokens / dt, samples_per_s=samples / dt, peak_mem_gb=peak_memory_gb(device))
             if device.type == "cuda":  # 6 FLOPs per parameter per token (forward + backward), attention excluded
                 row["mfu"] = 6 * n_params * row["tokens_per_s"] / (world * peak_flops(cfg, device))
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if log:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -467,4 +527,4 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(CFG)

@@ -3,6 +3,7 @@ text-only rank beside an image rank, the data check, and a loss that falls."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from cli import comments
 import convert
 import model as M
 import train
@@ -194,3 +196,62 @@ def test_activation_checkpointing_and_compile_keep_the_losses(model_dir, tmp_pat
         got_losses, got_w = runs[name]
         assert got_losses == base_losses and all(torch.equal(got_w[k], base_w[k]) for k in base_w), name
     assert max(abs(x - y) for x, y in zip(runs["compiled"][0], base_losses)) <= 1e-4
+
+
+def test_out_holding_a_model_is_refused_unless_forced(model_dir, tmp_path):
+    data = write_dataset(tmp_path / "d", 2)
+    out = tmp_path / "out"
+    shutil.copytree(model_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cfg = config(model_dir, data, out, max_steps=1)
+    with pytest.raises(SystemExit, match=r"already holds a model \(config.json and weights\): choose a new --out, "
+                                         r"--resume to continue .* or --force to clear it first"):
+        train.main(cfg)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"other already holds 1 file\(s\) \(notes.txt\)"):
+        train.main(dataclasses.replace(cfg, out=str(tmp_path / "other"), resume=True))  # no checkpoints: not its run
+    train.main(dataclasses.replace(cfg, force=True))
+    assert not (out / "assemble.json").exists() and len(losses(out)) == 1
+
+
+def test_resume_without_a_checkpoint_starts_fresh_and_the_log_keeps_each_step_once(model_dir, tmp_path, capsys):
+    data = write_dataset(tmp_path / "d", 4)
+    cfg = config(model_dir, data, tmp_path / "out", stage=1, max_steps=4, save_every=2, resume=True)
+    train.main(cfg)
+    assert "no complete checkpoint under" in capsys.readouterr().out and len(losses(tmp_path / "out")) == 4
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step_00000002"]
+    first = losses(tmp_path / "out")
+    train.main(cfg)  # resumes at step 2: steps 3 and 4 are replayed, and their old log lines dropped
+    assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and losses(tmp_path / "out") == first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "3"], "argument --stage: invalid choice: 3 (choose from 1, 2)"),
+    (["--max-steps", "-1"], "--max-steps -1: must be 0 or more"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--lr", "0"], "--lr 0.0: must be above 0"),
+    (["--activation-checkpointing", "some"], "invalid choice: 'some'"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model does not exist"),
+])
+def test_flags_are_checked_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_help_is_fast_and_shows_every_flag_with_help_and_default():
+    # -X importtime lists every module imported: parsing happens before torch is, so --help never imports it
+    r = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "train.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "| cli" in r.stderr and not re.search(r"\| +torch$", r.stderr, re.M)
+    helps, _ = comments(train.TrainConfig)
+    for f in dataclasses.fields(train.TrainConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout and helps[f.name], f.name  # every flag has a help line
+    text = " ".join(r.stdout.split())  # argparse wraps lines at the terminal's width
+    assert "AdamW, betas 0.9 / 0.95) (default: 0.0001)" in text and "memory and speed:" in r.stdout
+    assert "  --save-every SAVE_EVERY\n" in r.stdout and "steps per checkpoint" in r.stdout
