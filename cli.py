@@ -38,7 +38,11 @@ def comments(cls) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def parser(cls, description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=Formatter)
+    return add_flags(argparse.ArgumentParser(description=description, formatter_class=Formatter), cls)
+
+
+def add_flags(p: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    """One flag per field of the settings dataclass `cls` on the parser `p` (or a subcommand's)."""
     helps, groups = comments(cls)
     hints = typing.get_type_hints(cls)
     sections = {}
@@ -79,6 +83,7 @@ def settings(cls, parsed: argparse.Namespace, p: argparse.ArgumentParser):
 
 
 def parse(cls, argv=None, description: str = ""):
+    """The settings from the command line (sys.argv by default)."""
     p = parser(cls, description)
     return settings(cls, p.parse_args(argv), p)
 

@@ -3,6 +3,7 @@ a new VLM from a VL model's vision tower and a Qwen3 LLM:
 
     model = from_pretrained(DIR, device="cuda", dtype=torch.bfloat16)   # any model dir: an LLM, a VLM
     python convert.py assemble --vision DIR --llm DIR --out DIR [--merger-init fresh|copy] [--dtype bfloat16]
+    python convert.py merge-lora --model BASE --adapter DIR --out DIR    # a LoRA adapter folded into its base
 
 Our module tree mirrors the checkpoints: `model.*` is the decoder, `visual.*` the vision tower (with its
 merger), `lm_head` the output matrix. Every layout we meet maps onto it with a few prefix rules:
@@ -30,39 +31,12 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+import cli
+import lora
 import model as M
 import pixels
 from merger import PatchMerger
-
-# checkpoint prefix -> ours; the first that matches wins
-NAME_RULES = [
-    ("model.language_model.", "model."),
-    ("model.visual.", "visual."),
-    ("visual.", "visual."),
-    ("model.", "model."),
-    ("lm_head.", "lm_head."),
-]
-# saving is the inverse: text-only and old-layout checkpoints use our names, the new layout nests these two
-NEW_LAYOUT = {"model": "model.language_model", "visual": "model.visual"}
-# transformers 5.23 still writes these in the old layout (conversion_mapping.py renames them back on save)
-OLD_LAYOUT_TYPES = ("qwen2_vl", "qwen2_5_vl")
-
-
-def our_name(hf_name: str) -> str | None:
-    """The name of our parameter that an HF tensor fills, or None when no rule knows it."""
-    for theirs, ours in NAME_RULES:
-        if hf_name.startswith(theirs):
-            return ours + hf_name[len(theirs):]
-    return None
-
-
-def hf_name(name: str, hf_config: dict) -> str:
-    """The checkpoint name of our parameter `name` in the layout that hf_config implies."""
-    if "vision_config" not in hf_config or hf_config.get("model_type") in OLD_LAYOUT_TYPES:
-        return name
-    head, rest = name.split(".", 1)
-    return NEW_LAYOUT.get(head, head) + "." + rest
-
+from model import hf_name, our_name  # the HF name map lives beside the HF config reader
 
 # ---- loading ----
 
@@ -291,7 +265,7 @@ class AssembleArgs:
     out: str                     # the new model dir: new or empty, unless --force
     merger_init: str = "fresh"   # fresh | copy: the donor's merger tensors that fit, the last Linear's rows cropped
     dtype: str = "bfloat16"      # of every output tensor
-    max_shard_size: str = "4GB"
+    max_shard_size: str = "4GB"  # of the output's safetensors files
     seed: int = 0                # of the fresh merger init
     force: bool = False          # write into a non-empty --out
 
@@ -495,21 +469,45 @@ def report(origins: dict[str, tuple[str, str]], numels: dict[str, int], n_droppe
     return "\n".join(lines)
 
 
+def merge_lora_dir(model_dir, adapter_dir, out_dir, max_shard_size: str = "4GB") -> None:
+    """`python convert.py merge-lora --model BASE --adapter DIR --out DIR`: the base with a PEFT LoRA adapter
+    folded in (lora.load_adapter, lora.merge_lora), a plain HF model dir in the base's dtype and layout."""
+    model = from_pretrained(model_dir)  # the stored dtype; merge_lora adds B A in fp32
+    lora.load_adapter(model, adapter_dir)
+    lora.merge_lora(model)
+    save_state_dict(model.state_dict(), out_dir, read_config(Path(model_dir)), max_shard_size)
+    copy_model_files(model_dir, out_dir)
+
+
+@dataclass
+class MergeArgs:
+    model: str  # the base model dir the adapter was trained on (train.py --lora-rank's --out holds both)
+    adapter: str  # a PEFT LoRA adapter dir: adapter_config.json + adapter_model.safetensors
+    out: str  # the merged model dir: new or empty, unless --force
+    max_shard_size: str = "4GB"  # of the output's safetensors files
+    force: bool = False  # write into a non-empty --out
+
+
+COMMANDS = {"assemble": (AssembleArgs, "a new VLM: a VL model's vision tower + a Qwen3 LLM + a merger"),
+            "merge-lora": (MergeArgs, "a PEFT LoRA adapter folded into its base: a plain HF model dir")}
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Hugging Face checkpoint conversions")
-    cmd = parser.add_subparsers(dest="command", required=True).add_parser(
-        "assemble", help="a new VLM: a VL model's vision tower + a Qwen3 LLM + a merger")
-    for f in dataclasses.fields(AssembleArgs):  # the settings dataclass as flags (bools as --x/--no-x)
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is dataclasses.MISSING:
-            cmd.add_argument(flag, required=True)
-        elif isinstance(f.default, bool):
-            cmd.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            cmd.add_argument(flag, type=type(f.default), default=f.default)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.Formatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (settings, about) in COMMANDS.items():
+        cli.add_flags(commands.add_parser(name, help=about, description=about, formatter_class=cli.Formatter),
+                      settings)
     args = parser.parse_args(argv)
+    a = cli.settings(COMMANDS[args.command][0], args, parser)
     try:
-        assemble(AssembleArgs(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AssembleArgs)}))
+        if args.command == "assemble":
+            assemble(a)
+        else:
+            if Path(a.out).exists() and any(Path(a.out).iterdir()) and not a.force:
+                raise FileExistsError(f"{a.out} exists and is not empty: choose a new --out, or --force")
+            merge_lora_dir(a.model, a.adapter, a.out, a.max_shard_size)
+            print(f"saved {a.out}: {a.model} with the adapter {a.adapter} merged in")
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 

@@ -48,6 +48,7 @@ class EvalConfig:
     batch_size: int = 8
     max_new_tokens: int = 64  # answers are a letter or a short phrase; a longer one is cut here
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
+    adapter: str = ""  # a PEFT LoRA adapter dir, merged into --model when loaded
     dtype: str = "bfloat16"  # or float32
     device: str = ""  # "" = cuda if available, else cpu
 
@@ -389,7 +390,7 @@ def main(argv=None) -> dict:
         # every file is read first, so that a bad row stops the run before any generation
         datasets = {f: (read_tsv if f.endswith(".tsv") else read_jsonl)(f, cfg.max_samples, cfg.data_root)
                     for f in cfg.data}
-        model, tokenizer, image_cfg = sample.load(cfg.model, device, getattr(torch, cfg.dtype))
+        model, tokenizer, image_cfg = sample.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
         if cfg.max_pixels and image_cfg is not None:
             image_cfg = dataclasses.replace(image_cfg, max_pixels=cfg.max_pixels,
                                             min_pixels=min(image_cfg.min_pixels, cfg.max_pixels))

@@ -437,7 +437,37 @@ def chunked_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# HF config.json -> our configs
+# what HF calls things: tensor names and config.json keys -> ours
+
+# checkpoint prefix -> ours; the first that matches wins
+NAME_RULES = [
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+    ("visual.", "visual."),
+    ("model.", "model."),
+    ("lm_head.", "lm_head."),
+]
+# saving is the inverse: text-only and old-layout checkpoints use our names, the new layout nests these two
+NEW_LAYOUT = {"model": "model.language_model", "visual": "model.visual"}
+# transformers 5.23 still writes these in the old layout (conversion_mapping.py renames them back on save)
+OLD_LAYOUT_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def our_name(hf_name: str) -> str | None:
+    """The name of our parameter that an HF tensor fills, or None when no rule knows it."""
+    for theirs, ours in NAME_RULES:
+        if hf_name.startswith(theirs):
+            return ours + hf_name[len(theirs):]
+    return None
+
+
+def hf_name(name: str, hf_config: dict) -> str:
+    """The checkpoint name of our parameter `name` in the layout that hf_config implies."""
+    if "vision_config" not in hf_config or hf_config.get("model_type") in OLD_LAYOUT_TYPES:
+        return name
+    head, rest = name.split(".", 1)
+    return NEW_LAYOUT.get(head, head) + "." + rest
+
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 
 import convert
 import data
+import lora
 import model as M
 import pixels
 
@@ -57,6 +58,7 @@ class SampleConfig:
     top_k: int = 0  # 0 = no top-k cut
     seed: int = 0
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
+    adapter: str = ""  # a PEFT LoRA adapter dir (train.py --lora-rank's --out, or PEFT's), merged when loaded
     dtype: str = "bfloat16"  # or float32 (exactly transformers' greedy tokens)
     device: str = ""  # "" = cuda if available, else cpu
     compile: bool = True  # torch.compile the decode step (CUDA only; on CPU the step is bound by weight reads)
@@ -79,8 +81,9 @@ def parse_args(argv=None) -> SampleConfig:
 # the model dir: weights, tokenizer, image settings, stop tokens
 
 
-def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16):
-    """(model, tokenizer, image_cfg or None for a text-only LLM) from a model dir; errors name what is missing."""
+def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16, adapter: str = ""):
+    """(model, tokenizer, image_cfg or None for a text-only LLM) from a model dir, a LoRA adapter merged in;
+    errors name what is missing."""
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model dir not found: {path}")
@@ -97,6 +100,9 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16):
         if tokenizer.token_to_id("<|image_pad|>") != model.cfg.image_token_id:
             raise ValueError(f"{path}: config.json's image_token_id {model.cfg.image_token_id} is not "
                              f"tokenizer.json's <|image_pad|> ({tokenizer.token_to_id('<|image_pad|>')})")
+    if adapter:  # plain Linears again (W + B A * scale), which pack_for_cpu can pack
+        lora.load_adapter(model, adapter)
+        lora.merge_lora(model)
     pack_for_cpu(model)  # bf16 on CPU: the decoder's weights in oneDNN's layout, same numbers, faster decoding
     return model, tokenizer, image_cfg
 
@@ -412,7 +418,7 @@ def main(argv=None):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         message, images = user_turn(cfg.prompt, cfg.image)  # before the (slow) model load: a bad path fails at once
-        model, tokenizer, image_cfg = load(cfg.model, device, getattr(torch, cfg.dtype))
+        model, tokenizer, image_cfg = load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
         if cfg.image and image_cfg is None:
             raise ValueError(f"{cfg.model} is a text-only LLM (no vision tower): it cannot take --image")
         if cfg.max_pixels and image_cfg is not None:

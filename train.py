@@ -62,6 +62,14 @@ class TrainConfig:
     # but matmuls and attention (torchtitan's policy); auto: selective on CUDA, none on CPU
     compile: bool | None = None  # torch.compile each block; None = on CUDA
     peak_tflops: float = 0.0  # the device's peak for MFU; 0 = from its name
+    # -- LoRA
+    lora_rank: int = 0  # 0 = no LoRA; R > 0: rank-R adapters on --lora-parts, whose weights then stay frozen
+    lora_alpha: float = 32.0  # the adapters' scale is alpha / rank
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # Linear names, comma-separated
+    # (vision blocks: qkv, proj, and their MLP's)
+    lora_parts: str = "llm"  # llm | vision | llm,vision (never the mergers, embeddings or lm_head)
+    lora_rslora: bool = False  # scale alpha / sqrt(rank) (rsLoRA) instead of alpha / rank
     # -- checkpoints and logs
     log_every: int = 1  # steps per log line (log.jsonl)
     save_every: int = 250  # steps per checkpoint (0 = none before the end); --resume continues from the newest
@@ -80,6 +88,9 @@ class TrainConfig:
         for name in ("lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be above 0")
+        if self.lora_rank < 0 or not set(self.lora_parts.split(",")) <= {"llm", "vision"}:
+            raise ValueError(f"--lora-rank {self.lora_rank} / --lora-parts {self.lora_parts}: a rank of 0 or more, "
+                             "parts llm, vision or llm,vision")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: must be within 0..1")
         for name in ("max_pixels", "min_pixels"):
@@ -125,6 +136,7 @@ from tqdm import tqdm  # noqa: E402
 
 import convert  # noqa: E402
 import data  # noqa: E402
+import lora  # noqa: E402
 import model as M  # noqa: E402
 
 
@@ -157,12 +169,24 @@ def part_of(name: str) -> str:
 
 
 def set_trainable(model: M.VLM, cfg: TrainConfig) -> dict[str, bool]:
+    """Which parts train (the stage's default, or --train-*); a part with LoRA adapters is frozen unless a
+    --train-* flag says otherwise, and its adapters train."""
     stage_default = {1: dict(vision=False, merger=True, llm=False), 2: dict(vision=True, merger=True, llm=True)}
-    train = {part: stage_default[cfg.stage][part] if flag is None else flag
+    adapted = cfg.lora_parts.split(",") if cfg.lora_rank else []
+    train = {part: (stage_default[cfg.stage][part] and part not in adapted) if flag is None else flag
              for part, flag in (("vision", cfg.train_vision), ("merger", cfg.train_merger), ("llm", cfg.train_llm))}
     for name, p in model.named_parameters():
         p.requires_grad_(train[part_of(name)])
+    lora.set_lora_trainable(model)  # each adapted Linear: its weight and bias frozen, A and B trained
     return train
+
+
+def lora_config(cfg: TrainConfig) -> lora.LoRAConfig | None:
+    if not cfg.lora_rank:
+        return None
+    return lora.LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           targets=tuple(cfg.lora_targets.split(",")), parts=tuple(cfg.lora_parts.split(",")),
+                           use_rslora=cfg.lora_rslora)
 
 
 def load_model(cfg: TrainConfig, device: torch.device) -> tuple[M.VLM, dict, torch.dtype]:
@@ -181,10 +205,17 @@ def load_model(cfg: TrainConfig, device: torch.device) -> tuple[M.VLM, dict, tor
     hf_config = convert.read_config(Path(cfg.model))
     with torch.device("meta"):
         model = M.VLM(M.config_from_hf(hf_config))
+    if (Path(cfg.model) / "adapter_config.json").is_file():
+        raise SystemExit(f"error: {cfg.model} holds a LoRA adapter beside its weights: merge it first (python "
+                         f"convert.py merge-lora --model {cfg.model} --adapter {cfg.model} --out DIR), then --model DIR")
     rank = dist.get_rank()
-    state = convert.load_state_dict(cfg.model, model) if rank == 0 else {}
+    state = convert.load_state_dict(cfg.model, model) if rank == 0 else {}  # the checkpoint's names
     stored = [state["model.embed_tokens.weight"].dtype if rank == 0 else None]
     dist.broadcast_object_list(stored, src=0)
+    if (lcfg := lora_config(cfg)) is not None:  # on meta, before sharding: A and B shard with their layer
+        lora.apply_lora(model, lcfg)
+        if rank == 0:  # one draw, broadcast with the weights: A as PEFT initialises it, B = 0
+            state |= lora.lora_init_state(model, cfg.seed)
     set_trainable(model, cfg)
     blocks = [*(model.visual.blocks if model.visual is not None else []), *model.model.layers]
     ac = cfg.activation_checkpointing
@@ -311,11 +342,16 @@ def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> tuple[
 
 
 def save_hf(out: Path, model, hf_config: dict, dtype: torch.dtype, cfg: TrainConfig, rank: int) -> None:
-    """The consolidated HF-layout model: the next stage's --model, what sample.py and eval.py read."""
+    """The consolidated HF-layout model: the next stage's --model, what sample.py and eval.py read. With LoRA,
+    the base (its fully trained parts included) and beside it the adapter in PEFT's layout (fp32, as PEFT keeps
+    adapters): PEFT, vLLM (--lora-modules) and sample.py / eval.py --adapter read it."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        state = {k: v.to(dtype) for k, v in state.items()}
-        convert.save_state_dict(state, out, hf_config, max_shard_size=cfg.max_shard_size)
+        base, adapter = lora.split_state(state)
+        convert.save_state_dict({k: v.to(dtype) for k, v in base.items()}, out, hf_config,
+                                max_shard_size=cfg.max_shard_size)
+        if adapter:
+            lora.save_adapter(model, lora_config(cfg), out, str(out.resolve()), state=adapter)
         convert.copy_model_files(cfg.model, out)
 
 

@@ -255,3 +255,39 @@ def test_help_is_fast_and_shows_every_flag_with_help_and_default():
     text = " ".join(r.stdout.split())  # argparse wraps lines at the terminal's width
     assert "AdamW, betas 0.9 / 0.95) (default: 0.0001)" in text and "memory and speed:" in r.stdout
     assert "  --save-every SAVE_EVERY\n" in r.stdout and "steps per checkpoint" in r.stdout
+
+
+def test_lora_stage2_fsdp_resume_and_the_adapter_files(model_dir, tmp_path):
+    """LoRA on the LLM, the merger trained in full, vision frozen: 2 ranks == 1 process, resumed == uninterrupted,
+    only the adapters and the merger change, and --out holds the base beside a PEFT adapter that
+    sample.load(--adapter) merges."""
+    import sample
+    data = write_dataset(tmp_path / "d", 8)
+    kw = dict(stage=2, max_steps=4, train_vision=False, lora_rank=4, lora_alpha=8, lr=1e-2)
+    one = config(model_dir, data, tmp_path / "one", grad_accum=2, save_every=2, keep_last=0, **kw)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(one)
+        part = tmp_path / "part"  # resume from the step-2 checkpoint of the same run
+        shutil.copytree(tmp_path / "one" / "checkpoints" / "step_00000002", part / "checkpoints" / "step_00000002")
+        train.main(dataclasses.replace(one, out=str(part), resume=True))
+    finally:
+        torch.set_num_threads(threads)
+    torchrun(config(model_dir, data, tmp_path / "two", grad_accum=1, **kw), 2)
+    a = losses(tmp_path / "one")
+    assert a == losses(tmp_path / "two") and losses(part) == a[2:] and a[0] != a[-1]
+    before, after = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("merger" in k for k in changed), changed  # the LLM's own weights bitwise unchanged
+    adapter = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert len(adapter) == 2 * 7 * 2 and all(k.startswith("base_model.model.model.language_model.layers.") for k in adapter)
+    assert all(torch.equal(adapter[k], load_file(tmp_path / "two" / "adapter_model.safetensors")[k]) for k in adapter)
+    assert json.loads((tmp_path / "one" / "adapter_config.json").read_text())["r"] == 4
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    merged, _, _ = sample.load(tmp_path / "one", dtype=torch.float32, adapter=str(tmp_path / "one"))
+    base, _, _ = sample.load(tmp_path / "one", dtype=torch.float32)
+    with torch.no_grad():
+        assert (merged(ids) - base(ids)).abs().max() > 1e-4  # the adapter does something
+    with pytest.raises(SystemExit, match="holds a LoRA adapter beside its weights: merge it first"):
+        train.main(config(tmp_path / "one", data, tmp_path / "three", stage=2, max_steps=1))
