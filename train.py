@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 1  # rows per micro-batch per rank (a row packs several samples with --pack)
     grad_accum: int = 1  # micro-batches per optimizer step
     clip_grad: float = 1.0  # max gradient norm
+    max_bad_steps: int = 0  # steps with a non-finite loss or gradient norm skipped before stopping
     seed: int = 0  # data order and any random init
     # -- data
     max_length: int = 4096  # tokens per row; the linter's (data.py) default too
@@ -82,7 +83,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         for name in ("max_steps", "warmup_steps", "save_every", "keep_last", "num_workers", "weight_decay",
-                     "peak_tflops"):
+                     "peak_tflops", "max_bad_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
         for name in ("lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad"):
@@ -115,22 +116,25 @@ def parse_args(argv=None) -> TrainConfig:
 if __name__ == "__main__":  # parse before the heavy imports below, so --help and a bad flag answer at once
     CFG = parse_args()
 
-import gc  # noqa: E402 (the heavy imports come after the settings: see above)
+import fcntl  # noqa: E402 (the heavy imports come after the settings: see above)
+import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed._composable import checkpoint  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
-                                                     get_state_dict, set_model_state_dict, set_state_dict)
+                                                     set_model_state_dict)
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -280,65 +284,131 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 # checkpoints: atomic (written to step_N.tmp, renamed when complete), resumable, the last K kept
 
 
+# Each rank writes its own shards of the trainable parameters and their AdamW state (frozen ones are in --model
+# already) to rank_R.safetensors, and its data position and random state to rank_R.json; rank 0 writes trainer.json
+# last, the manifest: step, scheduler, the settings that shape the data order, and every file's size and CRC-32.
+# No pickle anywhere: a checkpoint directory is data, never code. A checkpoint resumes on the world size it was
+# written with (the shards and the per-rank data offsets depend on it).
+RESUME_SETTINGS = ("stage", "batch_size", "grad_accum", "max_length", "pack", "pack_window", "seed", "data",
+                   "epochs", "lora_rank", "lora_targets", "lora_parts")
+
+
+def checkpoint_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """This rank's shards: param.<name> and its optimizer state <name>.exp_avg / exp_avg_sq / step, trainable only
+    (a frozen lm_head tied to the embeddings is not listed by named_parameters, so never saved twice)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[f"param.{name}"] = local(p)
+            for key, t in optimizer.state.get(p, {}).items():
+                out[f"optim.{name}.{key}"] = local(t)
+    return out
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def crc32(file: Path) -> int:
+    crc = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def save_checkpoint(out: Path, step: int, position: tuple[int, int], model, optimizer, scheduler, cfg: TrainConfig,
                     rank: int, world: int):
     final, tmp = out / "checkpoints" / f"step_{step:08d}", out / "checkpoints" / f"step_{step:08d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier(world)
-    # trainable parameters and their optimizer state only: frozen ones are in --model already
-    model_sd, optim_sd = trainable_state(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"data": position, "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                "python": random.getstate(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-               tmp / f"rank_{rank}.pt")  # this rank's data position and random state
-    barrier(world)
+    dist.barrier()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint_tensors(model, optimizer).items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, tmp / f"rank_{rank}.safetensors")
+    (tmp / f"rank_{rank}.json").write_text(json.dumps(dict(
+        data=list(position), numpy=[x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
+        python=[list(x) if isinstance(x, tuple) else x for x in random.getstate()])))
+    files = [None] * world
+    dist.all_gather_object(files, {f.name: [f.stat().st_size, crc32(f)] for f in tmp.glob(f"rank_{rank}.*")})
     if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(),
-                                                      "world_size": world}))
+        (tmp / "trainer.json").write_text(json.dumps(dict(
+            step=step, scheduler=scheduler.state_dict(), world_size=world,
+            settings={k: getattr(cfg, k) for k in RESUME_SETTINGS}, files={k: v for f in files for k, v in f.items()}),
+            indent=1))
+        shutil.rmtree(final, ignore_errors=True)  # a damaged one of this step, skipped by the resume
         tmp.rename(final)  # the checkpoint exists only once it is whole
         if cfg.keep_last:  # 0 keeps them all
             for old in sorted(out.glob("checkpoints/step_????????"))[: -cfg.keep_last]:
                 shutil.rmtree(old)
-    barrier(world)
+    dist.barrier()
 
 
-def trainable_state(model, optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts of the trainable parameters: ignore_frozen_params alone keeps a frozen
-    lm_head that is tied to the embeddings, which would put the embedding matrix in every stage-1 checkpoint."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model_sd.items() if k in trainable}, optim_sd
+def damage(path: Path, rank: int, world: int, cfg: TrainConfig) -> str | None:
+    """What is wrong with checkpoint `path` for this run (None: it is whole), checked by every rank for its files."""
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+        files = trainer["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path / 'trainer.json'} is missing or not the manifest ({type(e).__name__}: {e})"
+    if trainer.get("world_size") != world:
+        return f"{path} was written by {trainer.get('world_size')} processes, this run has {world}"
+    changed = [k for k in RESUME_SETTINGS if trainer.get("settings", {}).get(k) != getattr(cfg, k)]
+    if changed:
+        k = changed[0]
+        return (f"{path} was written with --{k.replace('_', '-')} {trainer['settings'].get(k)!r}, this run has "
+                f"{getattr(cfg, k)!r}: the data order (or the parameters) would differ")
+    for name in (f"rank_{rank}.safetensors", f"rank_{rank}.json"):
+        f = path / name
+        if not f.is_file() or [f.stat().st_size, crc32(f)] != files.get(name):
+            return f"{f} is missing or damaged (size or CRC-32 differs from trainer.json)"
+    return None
 
 
-def load_checkpoint(out: Path, model, optimizer, scheduler, rank: int) -> tuple[int, tuple[int, int]]:
-    """Restore the newest complete checkpoint; returns its step and this rank's data position (epoch, offset)."""
-    done = sorted(out.glob("checkpoints/step_????????"))
-    if not done:
+def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, rank: int,
+                    world: int) -> tuple[int, tuple[int, int]]:
+    """Restore the newest whole checkpoint (a damaged one is reported and the one before it tried); returns its
+    step and this rank's data position (epoch, offset); (0, (0, 0)) when there is none."""
+    for path in sorted(out.glob("checkpoints/step_????????"), reverse=True):
+        problems = [None] * world
+        dist.all_gather_object(problems, damage(path, rank, world, cfg))
+        if problem := next((p for p in problems if p), None):
+            if "data order" in problem or "processes" in problem:
+                raise SystemExit(f"error: --resume: {problem}; resume with the settings it was written with")
+            if rank == 0:
+                print(f"--resume: skipping {path.name}: {problem}")
+            continue
+        tensors = load_file(path / f"rank_{rank}.safetensors")
+        for name, p in model.named_parameters():  # AdamW's state exists only after a step: make it, then fill it
+            if p.requires_grad and f"optim.{name}.step" in tensors:
+                optimizer.state[p] = dict(step=torch.zeros(()), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+        want = checkpoint_tensors(model, optimizer).keys() | {k for k in tensors if k.startswith("rng.")}
+        if want != tensors.keys():
+            raise SystemExit(f"error: --resume: {path} holds other trainable parameters than this run (different "
+                             f"--stage, --train-* or --lora-* flags?): {sorted(want ^ tensors.keys())[:4]}")
+        with torch.no_grad():
+            for key, t in checkpoint_tensors(model, optimizer).items():
+                t.copy_(tensors[key])
+        trainer = json.loads((path / "trainer.json").read_text())
+        mine = json.loads((path / f"rank_{rank}.json").read_text())
+        scheduler.load_state_dict(trainer["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the lr of the step to come
+            group["lr"] = lr
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        np.random.set_state((mine["numpy"][0], np.array(mine["numpy"][1], dtype=np.uint32), *mine["numpy"][2:]))
+        random.setstate((mine["python"][0], tuple(mine["python"][1]), mine["python"][2]))
         if rank == 0:
-            print(f"--resume: no complete checkpoint under {out / 'checkpoints'} yet: starting a fresh run")
-        return 0, (0, 0)
-    path = done[-1]
-    model_sd, optim_sd = trainable_state(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    # frozen parameters are not in checkpoints (they come from --model): non-strict, then check it was just those
-    keys = set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                          options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    named = dict(model.named_parameters())  # tied lm_head.weight is an alias: not here, not saved
-    missing = {k for k in keys.missing_keys if k in named and named[k].requires_grad}
-    if keys.unexpected_keys or missing:
-        raise RuntimeError(f"{path}: does not fit the trainable parameters of this run (different --stage or "
-                           f"--train-* flags?): missing {sorted(missing)[:5]}, unexpected {keys.unexpected_keys[:5]}")
-    trainer = json.loads((path / "trainer.json").read_text())
-    scheduler.load_state_dict(trainer["scheduler"])
-    rng = torch.load(path / f"rank_{rank}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"]), np.random.set_state(rng["numpy"]), random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+            print(f"resumed from {path} at step {trainer['step']} (epoch {mine['data'][0]}, sample {mine['data'][1]})")
+        return trainer["step"], tuple(mine["data"])
     if rank == 0:
-        print(f"resumed from {path} at step {trainer['step']} (epoch {rng['data'][0]}, sample {rng['data'][1]})")
-    return trainer["step"], tuple(rng["data"])
+        print(f"--resume: no complete checkpoint under {out / 'checkpoints'} yet: starting a fresh run")
+    return 0, (0, 0)
 
 
 def save_hf(out: Path, model, hf_config: dict, dtype: torch.dtype, cfg: TrainConfig, rank: int) -> None:
@@ -401,6 +471,8 @@ MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_grid_thw", "attent
 
 def main(cfg: TrainConfig) -> None:
     rank, world, device = setup_distributed()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        watch_parent()
     try:
         train(cfg, rank, world, device)
     except KeyboardInterrupt:
@@ -409,6 +481,8 @@ def main(cfg: TrainConfig) -> None:
                  f"no checkpoint was written yet (one every --save-every {cfg.save_every} steps)")
         raise SystemExit(f"\ninterrupted: {where}") from None
     finally:
+        if LOCK is not None:
+            LOCK.close()  # releases --out for the next run
         # FSDP's state holds the process group (through its device mesh) in reference cycles: collect them while
         # the interpreter is alive, so the group really ends here; left to interpreter exit, gloo's threads could
         # abort a rank ("terminate called without an active exception": 4 runs in 25 of test_train on 2 cores)
@@ -416,25 +490,61 @@ def main(cfg: TrainConfig) -> None:
         dist.destroy_process_group()
 
 
+LOCK = None  # rank 0's open lock file on --out, held for the life of the process
+
+
 def claim_out(cfg: TrainConfig, rank: int) -> None:
-    """--out must be new, empty, or this run's own (checkpoints to --resume from); --force clears anything else
-    first. Every rank looks before rank 0 changes anything."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file, not a directory")
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    own = cfg.resume and (out / "checkpoints").is_dir()
-    if held and not own and not cfg.force:
-        what = "a model (config.json and weights)" if "config.json" in held else \
-            f"{len(held)} file(s) ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
-        raise SystemExit(f"error: --out {out} already holds {what}: choose a new --out, --resume to continue the run "
-                         "whose checkpoints are there, or --force to clear it first")
-    dist.barrier()
-    if rank == 0 and held and not own:
-        for p in out.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        print(f"--force: cleared {out} ({len(held)} entries)")
-    dist.barrier()
+    """One run per --out: rank 0 takes --out/.lock (a second run, or the orphans of a killed launcher, cannot),
+    and --out must be new, empty, or this run's own (checkpoints to --resume from); --force clears anything else
+    first. Rank 0 decides for every rank before it changes anything."""
+    global LOCK
+    out, problem, held = Path(cfg.out), None, []
+    if rank == 0:
+        if out.exists() and not out.is_dir():
+            problem = f"error: --out {out} is a file, not a directory"
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            new_lock = not (out / ".lock").exists()
+            LOCK = open(out / ".lock", "a+")
+            try:
+                fcntl.flock(LOCK, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                problem = f"error: another run is training into {out} (it holds {out / '.lock'}): wait for it or stop it"
+        held = sorted(p.name for p in out.iterdir() if p.name != ".lock") if not problem else []
+        own = cfg.resume and (out / "checkpoints").is_dir()
+        if held and not own and not cfg.force and not problem:
+            what = "a model (config.json and weights)" if "config.json" in held else \
+                f"{len(held)} file(s) ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+            problem = (f"error: --out {out} already holds {what}: choose a new --out, --resume to continue the run "
+                       "whose checkpoints are there, or --force to clear it first")
+        if held and not own and not problem:
+            for p in out.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            print(f"--force: cleared {out} ({len(held)} entries)")
+    if problem and LOCK is not None:  # refused: leave --out as it was
+        LOCK.close()
+        LOCK = None
+        if new_lock and "another run" not in problem:
+            (out / ".lock").unlink()
+    decision = [problem]
+    dist.broadcast_object_list(decision, src=0)
+    if decision[0]:
+        raise SystemExit(decision[0])
+
+
+def watch_parent() -> None:
+    """Under torchrun: stop when the launcher is gone (killed with -9, its workers would be re-parented and train
+    on, writing checkpoints nobody waits for)."""
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(2)
+            if os.getppid() != parent:
+                print(f"rank {os.environ.get('RANK')}: the launcher (pid {parent}) is gone: stopping", flush=True)
+                os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None:
@@ -488,7 +598,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         betas=(0.9, 0.95), weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    step, position = load_checkpoint(out, model, optimizer, scheduler, rank) if cfg.resume else (0, (0, 0))
+    step, position = load_checkpoint(out, model, optimizer, scheduler, cfg, rank, world) if cfg.resume else (0, (0, 0))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -515,6 +625,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         log = open(out / "log.jsonl", "a")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
     model.train()
+    bad_steps = 0
     t0, seen = time.perf_counter(), torch.zeros(2, device=device)  # real tokens and samples since the last log line
     while step < total_steps:
         micro = []
@@ -532,13 +643,25 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
             (s * world / n_labels.clamp(min=1)).backward()
             loss_sum += s.detach()
         norm = clip_grad_norm([p for g in groups.values() for p in g], cfg.clip_grad, device)
+        loss = (all_sum(loss_sum, world) / n_labels.clamp(min=1)).item()
+        if not (math.isfinite(loss) and math.isfinite(norm.item())):  # never step on (or save) a non-finite model
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            broken = next((n for n, p in model.named_parameters() if not torch.isfinite(local(p)).all()), None)
+            what = (f"step {step + 1}: loss {loss}, gradient norm {norm.item()}"
+                    + (f"; parameter {broken} is already not finite" if broken else ""))
+            if bad_steps > cfg.max_bad_steps:
+                raise SystemExit(f"error: {what}: stopped, nothing saved (the newest checkpoint, if any, is the last "
+                                 f"good state; --max-bad-steps N skips up to N such steps)")
+            if rank == 0:
+                print(f"skipping {what} ({bad_steps} of --max-bad-steps {cfg.max_bad_steps})")
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update()
 
-        loss = (all_sum(loss_sum, world) / n_labels.clamp(min=1)).item()
         seen += torch.tensor([sum(float(b["attention_mask"].sum()) for b in micro),  # real tokens
                               sum(float(b["doc_ids"].amax(-1).sum()) if "doc_ids" in b else len(b["input_ids"])
                                   for b in micro)], device=device)  # samples: documents of packed rows
