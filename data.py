@@ -159,21 +159,51 @@ class Sample:
     image_tokens: tuple[int, ...] = ()  # per image; set by check_dataset
 
 
+def strict_object(pairs: list) -> dict:
+    """object_pairs_hook: a key given twice is an error (json keeps the last value silently)."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+DECODER = json.JSONDecoder(object_pairs_hook=strict_object, parse_constant=no_constant)  # strict JSON
+
+
 def read_records(path: Path) -> tuple[list[tuple[str, object]], list[Problem]]:
-    """(file:line, JSON value) of each sample: one per line in .jsonl, the elements of one array in .json."""
-    text, records, problems = path.read_text(encoding="utf-8"), [], []
+    """(file:line, JSON value) of each sample: one per line in .jsonl, the elements of one array in .json; strict
+    JSON (no duplicate keys, NaN, trailing commas), UTF-8. A file that cannot be read is one problem."""
+    if path.suffix not in (".json", ".jsonl"):
+        return [], [Problem(f"{path}:0", "unknown file type",
+                            "a dataset file is .json (one array of samples) or .jsonl (one sample a line)")]
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        return [], [Problem(f"{path}:0", "missing file", "no such dataset file")]
+    except OSError as e:
+        return [], [Problem(f"{path}:0", "unreadable file", str(e))]
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return [], [Problem(f"{path}:{line}", "not UTF-8",
+                            f"byte {raw[e.start]:#x} at offset {e.start}; save the file as UTF-8; rest unread")]
+    records, problems = [], []
     if path.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
             try:
                 if line.strip():
-                    records.append((f"{path}:{n}", json.loads(line)))
+                    records.append((f"{path}:{n}", DECODER.decode(line)))
             except json.JSONDecodeError as e:
                 problems.append(Problem(f"{path}:{n}", "bad JSON", f"{e.msg} (column {e.colno})"))
+            except ValueError as e:  # strict_object, no_constant
+                problems.append(Problem(f"{path}:{n}", "bad JSON", str(e)))
         return records, problems
-    if path.suffix != ".json":
-        raise ValueError(f"{path}: a dataset file is .json (one array of samples) or .jsonl (one sample a line)")
     # walk the array value by value, so that each sample is named by the line it starts on
-    ws, decoder, line, counted = re.compile(r"\s*"), json.JSONDecoder(), 1, 0
+    ws, line, counted = re.compile(r"\s*"), 1, 0
 
     def at(i: int) -> str:  # file:line of character i; i only grows, so lines are counted once
         nonlocal line, counted
@@ -186,14 +216,19 @@ def read_records(path: Path) -> tuple[list[tuple[str, object]], list[Problem]]:
     i = ws.match(text, i + 1).end()
     while not text.startswith("]", i):
         try:
-            value, end = decoder.raw_decode(text, i)
+            value, end = DECODER.raw_decode(text, i)
         except json.JSONDecodeError as e:
             return records, [Problem(f"{path}:{e.lineno}", "bad JSON", f"{e.msg} (column {e.colno}); rest unread")]
+        except ValueError as e:
+            return records, [Problem(at(i), "bad JSON", f"{e}; rest unread")]
         records.append((at(i), value))
         i = ws.match(text, end).end()
         if not text.startswith((",", "]"), i):
             return records, [Problem(at(i), "bad JSON", "expected ',' or ']'; rest unread")]
-        i = ws.match(text, i + 1).end() if text[i] == "," else i
+        if text[i] == ",":
+            i = ws.match(text, i + 1).end()
+            if text.startswith("]", i):
+                return records, [Problem(at(i), "bad JSON", "a trailing comma before ']' is not JSON")]
     return records, []
 
 
@@ -275,7 +310,7 @@ def load_samples(files, data_root: str = "") -> tuple[list[Sample], list[Problem
     samples, problems = [], []
     for f in map(Path, files):
         records, bad = read_records(f)
-        problems += bad
+        problems += bad or ([] if records else [Problem(f"{f}:0", "empty dataset", "the file holds no samples")])
         for where, raw in records:
             s, bad = parse_sample(where, raw, Path(data_root) if data_root else f.parent)
             problems += bad
@@ -372,17 +407,24 @@ def _check(sample):
     return check_sample(sample, *_CHECKING)
 
 
-def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig,
-                  num_workers: int = 0) -> tuple[list[Sample], str, list[Problem]]:
+def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig, num_workers: int = 0, rank: int = 0,
+                  world_size: int = 1, gather=None) -> tuple[list[Sample], str, list[Problem]]:
     """Check every sample (decode its images, render it): (the valid samples with their lengths, a summary,
-    the problems). num_workers > 0 checks in that many forked processes."""
+    the problems). num_workers > 0 checks in that many forked processes. Shared among ranks: each checks every
+    world_size-th sample from its rank, and gather (one rank's results -> every rank's, e.g. an all_gather)
+    brings them together, in order, on every rank."""
     global _CHECKING
     _CHECKING = (chat, cfg.max_length)
+    mine = samples[rank::world_size]
     if num_workers > 0:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            results = pool.map(_check, samples, chunksize=64)
+            results = pool.map(_check, mine, chunksize=64)
     else:
-        results = list(map(_check, samples))
+        results = list(map(_check, mine))
+    if world_size > 1:
+        shards, results = gather(results), [None] * len(samples)
+        for r, shard in enumerate(shards):
+            results[r::world_size] = shard
     ok = [s for s, _ in results if s]
     tokens, per_image = sorted(s.tokens for s in ok), [n for s in ok for n in s.image_tokens]
     lines = [f"valid samples: {len(ok)} ({sum(bool(s.images) for s in ok)} with {len(per_image)} images, "
@@ -395,11 +437,20 @@ def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig,
     return ok, "\n".join(lines), [p for _, bad in results for p in bad]
 
 
-def describe_problems(problems: list[Problem]) -> str:
-    """One line: how many problems, in how many samples, of which kinds."""
+def describe_problems(problems: list[Problem], repeats: int = 3) -> str:
+    """How many problems, in how many samples, of which kinds; then each problem as file:line: reason, in file
+    order, a problem repeated word for word in other samples shown `repeats` times and then counted."""
     kinds = Counter(p.kind for p in problems).most_common()
-    return (f"{len(problems)} problem(s) in {len({p.where for p in problems})} sample(s): "
-            + ", ".join(f"{n} {kind}" for kind, n in kinds))
+    lines = [f"{len(problems)} problem(s) in {len({p.where for p in problems})} sample(s): "
+             + ", ".join(f"{n} {kind}" for kind, n in kinds)]
+    seen = Counter()
+    for p in sorted(problems, key=lambda p: (p.where.rsplit(":", 1)[0], int(p.where.rsplit(":", 1)[1]))):
+        seen[p.kind, p.detail] += 1
+        if seen[p.kind, p.detail] <= repeats:
+            lines.append(str(p))
+    lines += [f"... and {n - repeats} more like this: {kind}" + (f": {detail}" if detail else "")
+              for (kind, detail), n in seen.items() if n > repeats]
+    return "\n".join(lines)
 
 
 # ---- tensors, packing, batches ----
@@ -571,10 +622,9 @@ def main(argv=None) -> int:
         loader = Loader(samples, chat, cfg)
         print(f"{'packed' if cfg.pack else 'padded'} into {sum(map(len, loader.plan(0)[0]))} rows "
               f"(batch size {cfg.batch_size}): {loader.efficiency(0):.1%} of the slots are real tokens")
-    problems = sorted(problems + more, key=lambda p: (p.where.rsplit(":", 1)[0], int(p.where.rsplit(":", 1)[1])))
-    if problems:
-        print(describe_problems(problems), *problems, sep="\n")
-    return 1 if problems else 0
+    if problems + more:
+        print(describe_problems(problems + more))
+    return 1 if problems + more else 0
 
 
 if __name__ == "__main__":

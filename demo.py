@@ -266,7 +266,9 @@ def run_eval(model_dir: Path, heldout: Path) -> dict[str, float]:
             "--dtype", "float32", "--batch-size", "64", "--max-new-tokens", "24"]
     print(f"$ python eval.py {shlex.join(argv)}", flush=True)
     result = evaluate.main(argv)["results"][str(heldout)]
-    return dict(all=result["exact_match"], **{k: v["exact_match"] for k, v in result["per_category"].items()})
+    def em(r):  # eval.py reports percent, each number with its protocol
+        return r["scores"]["exact_match"]["value"] / 100
+    return dict(all=em(result), **{k: em(v) for k, v in result["per_category"].items()})
 
 
 def ask(model_dir: Path, heldout: Path) -> str:

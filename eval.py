@@ -3,16 +3,13 @@
     python eval.py --model DIR --data MMStar.tsv ChartQA_TEST.tsv [--max-samples N] [--batch-size N] [--out DIR]
 
 A row with options (TSV columns A, B, ...; or a jsonl reference that is one letter) is multiple choice: the prompt
-lists the options and asks for the letter, the letter is found in the free-text answer, and it scores 1 when it is
-the reference letter. Every other row is short-answer and gets each of the scores benchmarks use; report the one
-your benchmark does (VLMEvalKit's choice in brackets):
-    exact_match       normalised answer == a normalised reference                        [GQA, OCRVQA]
-    relaxed_accuracy  numbers within 5% of a reference (units, %, 1,000s allowed), else exact_match  [ChartQA]
-    anls              1 - edit distance / length against the best reference, 0 below 0.5     [DocVQA, InfoVQA]
-    vqa_accuracy      min(1, references equal to the answer / 3), leave-one-out averaged     [TextVQA]
-    contains          a reference appears in the answer (case-insensitive)                   [OCRBench]
---out gets <data stem>.jsonl (a line per sample: prompt, prediction, extracted letter, scores) and summary.json
-(the settings; per file: n, each score overall and per category, answers with no letter found, samples/s).
+lists the options and asks for the letter; every other row is short-answer. Prompts are built as VLMEvalKit builds
+them for Qwen; answers are greedy, batched (left-padded: the same tokens as one at a time). Each file is scored by
+its benchmark's published protocol (scores.py: VLMEvalKit's rules for multiple choice, the official scorer for
+TextVQA / DocVQA / ChartQA / OCRBench), chosen by the file's name; summary.json and the console name the protocol
+beside every number, and our more lenient readings are extra, named columns (README: "What the scores mean").
+--out gets <data stem>.jsonl (a line per sample: prompt, prediction, extracted letters, scores) and summary.json
+(the settings; per file: each score with its protocol, overall and per category, unreadable answers, samples/s).
 """
 from __future__ import annotations
 
@@ -36,6 +33,7 @@ from tqdm import tqdm
 import data
 import pixels
 import sample
+import scores
 
 
 @dataclass
@@ -219,124 +217,6 @@ def vqa_prompt(question: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# answer extraction and scorers: pure functions of text
-
-
-def extract_choice(text: str, options: dict[str, str]) -> str | None:
-    """The option letter a free-text answer picks; None when it names none or several. In order (as VLMEvalKit's
-    can_infer_option, then can_infer_text): the answer is a letter ("b", "(C)", "D."), starts with one ("B. a cat"),
-    states one ("the answer is (b)", "Answer: C", "option d", "\\boxed{B}"), holds exactly one capital option letter
-    as a word, not an article or pronoun ("A dog ...", "I think ..."), or exactly one option's text. A lower-case
-    letter counts only set off by punctuation ("is (b)", "answer: c."), never as a word ("the answer is a cat")."""
-    t, letters = text.strip(), "".join(options)
-    lower_ok = r"(?=[)\].:;,*]|\s*$)"  # a lower-case letter must be set off: "(b)", "b.", "b" at the end
-    found = [re.fullmatch(r"[\s(\[*]*([A-Za-z])[\s)\].:*]*", t),
-             re.match(r"[(\[*]*([A-Za-z])(?:[)\].:]|\*\*)\s", t),
-             re.search(r"(?i:answer|option|choice)(?:\s+is)?\s*[:：]?\s*[(\[*]*(?:([A-Z])(?![\w'])|([a-z])"
-                       + lower_ok + ")", t),
-             re.search(r"\\boxed\{\s*([A-Za-z])\s*\}", t)]
-    for m in found:
-        if m and m[m.lastindex].upper() in letters:
-            return m[m.lastindex].upper()
-
-    def article(m):  # "A dog ..." opening a sentence, "I think ...": words, not options
-        opens = m[1] == "I" or t[: m.start()].rstrip()[-1:] in ("", ".", "!", "?")
-        return opens and re.match(r" (?!(?:is|was|and|or)\b)[a-z]", t[m.end():])
-    words = {m[1] for m in re.finditer(rf"(?<![A-Za-z0-9_'])([{letters}])(?![A-Za-z0-9_'])", t) if not article(m)}
-    if len(words) == 1:
-        return words.pop()
-    hits = [k for k, v in options.items() if re.search(rf"(?<!\w){re.escape(v.lower())}(?!\w)", t.lower())]
-    return hits[0] if len(hits) == 1 else None
-
-
-NUMBER_WORDS = dict(none="0", zero="0", one="1", two="2", three="3", four="4", five="5", six="6", seven="7",
-                    eight="8", nine="9", ten="10")
-
-
-def normalise(s: str) -> str:
-    """VQA-style normalisation: lower case, punctuation dropped (a decimal point and a thousands comma kept as a
-    number), number words zero..ten as digits, articles a / an / the dropped, whitespace collapsed."""
-    s = re.sub(r"(?<=\d),(?=\d{3})", "", s.lower())
-    words = re.findall(r"\d+(?:\.\d+)?|[^\W_]+", s)
-    return " ".join(NUMBER_WORDS.get(w, w) for w in words if w not in ("a", "an", "the"))
-
-
-def to_number(s: str) -> float | None:
-    """"1,234.5", "$12", "45%", "3.5 kg", "-2 million" -> the number (a percentage stays 45, not 0.45); else None."""
-    m = re.fullmatch(r"[$€£¥]?\s*([-+]?[\d,]*\.?\d+)\s*%?\s*([^\W\d_]+\.?\s*){0,3}", s.strip().rstrip("."))
-    ok = m and re.fullmatch(r"[-+]?(\d{1,3}(,\d{3})*|\d*)(\.\d+)?", m[1])  # commas only between thousands
-    return float(m[1].replace(",", "")) if ok else None
-
-
-def relaxed_match(pred: str, ref: str, tolerance: float = 0.05) -> bool:
-    """ChartQA's relaxed accuracy (pix2struct): a number within 5% of the reference number, else exact match.
-    Ours also reads units, currency and thousands separators, and "45%" meets both 45 and 0.45."""
-    p, r = to_number(pred), to_number(ref)
-    if p is None or r is None:
-        return normalise(pred) == normalise(ref)
-    ps, rs = [p, p / 100] if "%" in pred else [p], [r, r / 100] if "%" in ref else [r]
-    return any(abs(a - b) <= tolerance * abs(b) if b else a == 0 for a in ps for b in rs)
-
-
-def levenshtein(a: str, b: str) -> int:
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-def anls(pred: str, ref: str, threshold: float = 0.5) -> float:
-    """DocVQA's ANLS term: 1 - normalised edit distance on lower-cased, whitespace-collapsed text; 0 below 0.5."""
-    p, r = " ".join(pred.lower().split()), " ".join(ref.lower().split())
-    score = 1 - levenshtein(p, r) / max(len(p), len(r), 1)
-    return score if score >= threshold else 0.0
-
-
-def vqa_accuracy(pred: str, refs: list[str]) -> float:
-    """VQA accuracy (VQAv2, TextVQA): min(1, matching human answers / 3), averaged over the leave-one-out subsets of
-    the (ten) references as the official evaluator does. With one reference it is exact match."""
-    p, rs = normalise(pred), [normalise(r) for r in refs]
-    if len(rs) == 1:
-        return float(p == rs[0])
-    return sum(min(1.0, sum(r == p for j, r in enumerate(rs) if j != i) / 3) for i in range(len(rs))) / len(rs)
-
-
-def score(pred: str, sample: Sample) -> dict:
-    """Per-sample scores (and for multiple choice the extracted letter; None = no letter found, scored 0) of the
-    answer after any <think> block (Qwen3's templates open every answer with one, empty or not)."""
-    pred = re.sub(r"^\s*<think>.*?</think>", "", pred, flags=re.S)
-    if sample.options:
-        choice = extract_choice(pred, sample.options)
-        return dict(choice=choice, accuracy=float(choice == sample.refs[0]))
-    p = pred.strip()
-    return dict(exact_match=float(any(normalise(p) == normalise(r) for r in sample.refs)),
-                relaxed_accuracy=float(any(relaxed_match(p, r) for r in sample.refs)),
-                anls=max(anls(p, r) for r in sample.refs),
-                vqa_accuracy=vqa_accuracy(p, sample.refs),
-                contains=float(any(r.lower().strip() in p.lower() for r in sample.refs)))
-
-
-def mean_scores(scores: list[dict]) -> dict:
-    """Each score's mean over the samples that have it (a file can mix multiple-choice and short-answer rows)."""
-    keys = dict.fromkeys(k for s in scores for k in s if k != "choice")
-    return {k: round(sum(s[k] for s in scores if k in s) / sum(k in s for s in scores), 4) for k in keys}
-
-
-def summarise(samples: list[Sample], scores: list[dict]) -> dict:
-    """n, the mean scores overall and per category, and how many multiple-choice answers gave no letter."""
-    out = dict(n=len(scores), **mean_scores(scores))
-    if any(s.options for s in samples):
-        out.update(multiple_choice=sum("choice" in s for s in scores),
-                   no_letter_found=sum(s.get("choice", "") is None for s in scores))
-    for c in sorted({s.category for s in samples if s.category}):
-        rows = [sc for s, sc in zip(samples, scores) if s.category == c]
-        out.setdefault("per_category", {})[c] = dict(n=len(rows), **mean_scores(rows))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # the driver: prompts through sample.generate in batches, scores, files
 
 
@@ -402,15 +282,17 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             preds = predict(model, tokenizer, image_cfg, samples, cfg, stop_ids, system, Path(f).name)
             seconds = time.perf_counter() - t0
-            scores = [score(p, s) for p, s in zip(preds, samples)]
+            bench = scores.benchmark_of(Path(f).stem)  # the file's name picks its benchmark's protocol
+            rows = [scores.score(p, s.refs, s.options, bench, s.category) for p, s in zip(preds, samples)]
             with open(out / f"{Path(f).stem}.jsonl", "w", encoding="utf-8") as fh:
-                for s, p, sc in zip(samples, preds, scores):
+                for s, p, sc in zip(samples, preds, rows):
                     fh.write(json.dumps(dict(index=s.index, category=s.category, prompt=s.turns, prediction=p,
                                              refs=s.refs, **sc), ensure_ascii=False) + "\n")
-            result = dict(summarise(samples, scores), seconds=round(seconds, 2),
-                          samples_per_s=round(len(samples) / max(seconds, 1e-9), 3))
+            result = dict(scores.summarise([dict(index=s.index, category=s.category, **sc)
+                                            for s, sc in zip(samples, rows)], bench),
+                          seconds=round(seconds, 2), samples_per_s=round(len(samples) / max(seconds, 1e-9), 3))
             summary["results"][f] = result
-            print(f"{f}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "per_category"))
+            print(scores.format_table(result, f))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return summary
     except (FileNotFoundError, ValueError) as e:

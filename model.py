@@ -52,6 +52,10 @@ class ModelConfig:
     image_token_id: int | None = None
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
+    video_token_id: int | None = None
+    # Qwen2.5-VL's time-aligned M-RoPE: a video's temporal position advances this much per second (config
+    # vision_config.tokens_per_second). None: Qwen3-VL, whose prompt writes each frame group's time as text.
+    tokens_per_second: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,41 +295,71 @@ def rope_index(
     image_token_id: int,
     merge_size: int,
     padding: torch.Tensor | None = None,
+    *,
+    video_grid_thw: torch.Tensor | None = None,
+    video_token_id: int | None = None,
+    second_per_grid_ts: torch.Tensor | list[float] | None = None,
+    tokens_per_second: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-D M-RoPE positions, transformers' get_rope_index for text and images.
+    """3-D M-RoPE positions, transformers' get_rope_index (5.23) for text, images and videos.
 
     Text runs count up on all three rows. An image of llm grid (t, h, w) = grid_thw / (1, m, m) takes
     t*h*w tokens at (start + ti, start + hi, start + wi), and the text after it resumes at start + max(h, w).
+    Videos, two ways:
+    - tokens_per_second set (Qwen2.5-VL, time-aligned M-RoPE): one block of T*h*w video pads whose temporal
+      index is (ti * tokens_per_second * second_per_grid_t).long() (second_per_grid_t = temporal_patch_size / fps
+      of the video, default 1.0); the text after it still resumes at start + max(h, w), as transformers does;
+    - tokens_per_second None (Qwen3-VL): the prompt carries a "<t seconds>" text per frame group, so a video of
+      grid (T, h, w) is T blocks of h*w pads, each placed like an image (t = 1).
     Pads are skipped (their position is 0). Returns positions (3, B, T) and rope_delta (B, 1) =
     max position + 1 - number of real tokens, which continues the positions while decoding.
     """
     B, T = input_ids.shape
     positions = torch.zeros(3, B, T, dtype=torch.long, device=input_ids.device)
     deltas = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
-    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    images = image_grid_thw.tolist() if image_grid_thw is not None else []
+    videos = video_grid_thw.tolist() if video_grid_thw is not None else []
+    if tokens_per_second is None:  # Qwen3-VL: each frame group is its own block
+        videos, steps = [(1, h, w) for t, h, w in videos for _ in range(t)], []
+    else:  # transformers multiplies in fp32 (second_per_grid_ts is a float32 tensor) and truncates with .long()
+        secs = torch.as_tensor(second_per_grid_ts if second_per_grid_ts is not None else [1.0] * len(videos),
+                               dtype=torch.float32).cpu()
+        if len(secs) != len(videos):
+            raise ValueError(f"{len(secs)} second_per_grid_ts for {len(videos)} videos in video_grid_thw")
+        steps = [tokens_per_second * s for s in secs]
+    grids = {1: iter(images), 2: iter(videos)}
+    steps = iter(steps)
     for b in range(B):
         real = padding[b].bool() if padding is not None else torch.ones(T, dtype=torch.bool, device=input_ids.device)
-        is_image = (input_ids[b, real] == image_token_id).tolist()
-        pos, start, i, n = [], 0, 0, len(is_image)
+        ids = input_ids[b, real]
+        # without video_grid_thw there is no video: a video-pad id (say, one a model generated) is text
+        video = ids == video_token_id if video_grid_thw is not None else torch.zeros_like(ids, dtype=torch.bool)
+        kind = ((ids == image_token_id).long() + 2 * video.long()).tolist()  # 0 text, 1 image, 2 video
+        pos, start, i, n = [], 0, 0, len(kind)
         while i < n:
-            if is_image[i]:  # one image: its tokens are consumed by its grid, so adjacent images stay apart
+            if kind[i]:  # one image or video block: its tokens are consumed by its grid, so adjacent ones stay apart
                 try:
-                    t, h, w = next(grids)
+                    t, h, w = next(grids[kind[i]])
                 except StopIteration:
-                    raise ValueError(f"row {b}: more image tokens than images in image_grid_thw") from None
+                    name = "image" if kind[i] == 1 else "video"
+                    raise ValueError(f"row {b}: more {name} tokens than {name}s in {name}_grid_thw") from None
                 h, w = h // merge_size, w // merge_size
-                grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+                ti = torch.arange(t)
+                if kind[i] == 2 and tokens_per_second is not None:  # Qwen2.5-VL: seconds -> temporal positions
+                    ti = (ti * next(steps)).long()
+                grid = torch.stack(torch.meshgrid(ti, torch.arange(h), torch.arange(w), indexing="ij"))
                 pos.append(grid.reshape(3, -1) + start)
                 start, i = start + max(h, w), i + t * h * w
             else:
                 j = i
-                while j < n and not is_image[j]:
+                while j < n and not kind[j]:
                     j += 1
                 pos.append(torch.arange(start, start + j - i).expand(3, -1))
                 start, i = start + j - i, j
         row = torch.cat(pos, dim=1) if pos else torch.zeros(3, 0, dtype=torch.long)
         if row.shape[1] != n:
-            raise ValueError(f"row {b}: an image's tokens are cut off ({n} real tokens, the grids need {row.shape[1]})")
+            raise ValueError(f"row {b}: an image's or video's tokens are cut off ({n} real tokens, the grids need "
+                             f"{row.shape[1]})")
         positions[:, b, real] = row.to(positions.device)
         deltas[b] = (row.max() + 1 - n) if n else 0
     return positions, deltas
@@ -353,13 +387,16 @@ class VLM(nn.Module):
         if self.cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def positions(self, input_ids, image_grid_thw=None, padding=None, cache: KVCache | None = None):
+    def positions(self, input_ids, image_grid_thw=None, padding=None, cache: KVCache | None = None,
+                  video_grid_thw=None, second_per_grid_ts=None):
         """Default positions: 1-D for text LLMs, 3-D (rope_index) for VLMs; continued from the cache."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if past == 0 and self.cfg.text.mrope_section:
             pos, delta = rope_index(input_ids, image_grid_thw, self.cfg.image_token_id,
-                                    self.cfg.vision.spatial_merge_size, padding)
+                                    self.cfg.vision.spatial_merge_size, padding, video_grid_thw=video_grid_thw,
+                                    video_token_id=self.cfg.video_token_id, second_per_grid_ts=second_per_grid_ts,
+                                    tokens_per_second=self.cfg.tokens_per_second)
             if cache is not None:
                 cache.rope_delta = delta
             return pos
@@ -371,45 +408,64 @@ class VLM(nn.Module):
             pos = pos + cache.rope_delta
         return pos
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_always: bool = False):
-        """Token embeddings with the merged image features written over the image-pad tokens.
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_always: bool = False,
+              pixel_values_videos=None, video_grid_thw=None):
+        """Token embeddings with the merged image features written over the image-pad tokens and the video
+        features over the video-pad tokens. Returns (x, visual_mask (B, T) = image or video pads, deepstack).
 
-        vision_always: a batch without images still runs the tower, on one blank merge block whose outputs are
-        added times zero. Under FSDP every rank must run the same collectives (all-gathers forward, reduce-
-        scatters backward) in the same order, so a text-only rank beside an image rank would otherwise hang.
+        Images and videos go through the tower in one call (a video is frames of one grid, t > 1), so every
+        forward runs it once. vision_always: a batch without images or videos still runs the tower, on one blank
+        merge block whose outputs are added times zero. Under FSDP every rank must run the same collectives
+        (all-gathers forward, reduce-scatters backward) in the same order, so a text-only rank beside an image
+        rank would otherwise hang.
         """
         x = self.model.embed_tokens(input_ids)
-        if pixel_values is None and vision_always and self.visual is not None:
-            v = self.cfg.vision
-            m, row = v.spatial_merge_size, v.in_channels * v.temporal_patch_size * v.patch_size**2
-            blank, blank_ds = self.visual(x.new_zeros(m * m, row), torch.tensor([[1, m, m]], device=x.device))
-            return x + 0.0 * sum((f.sum() for f in blank_ds), blank.sum()), None, ()
-        if pixel_values is None:
+        if pixel_values is None and pixel_values_videos is None:
+            if vision_always and self.visual is not None:
+                v = self.cfg.vision
+                m, row = v.spatial_merge_size, v.in_channels * v.temporal_patch_size * v.patch_size**2
+                blank, blank_ds = self.visual(x.new_zeros(m * m, row), torch.tensor([[1, m, m]], device=x.device))
+                return x + 0.0 * sum((f.sum() for f in blank_ds), blank.sum()), None, ()
             return x, None, ()
-        features, deepstack = self.visual(pixel_values, image_grid_thw)
-        visual_mask = input_ids == self.cfg.image_token_id
-        n_tokens, n_features = int(visual_mask.sum()), features.shape[0]
-        if n_tokens != n_features:
-            raise ValueError(
-                f"{n_tokens} image-pad tokens in input_ids but the images give {n_features} features "
-                f"(image_grid_thw {image_grid_thw.tolist()} / {self.cfg.vision.spatial_merge_size}^2 each)"
-            )
-        x = x.masked_scatter(visual_mask[..., None], features.to(x.dtype))
-        return x, visual_mask, deepstack
+        parts = [(p, g, tok, name) for p, g, tok, name in (
+            (pixel_values, image_grid_thw, self.cfg.image_token_id, "image"),
+            (pixel_values_videos, video_grid_thw, self.cfg.video_token_id, "video")) if p is not None]
+        features, deepstack = self.visual(torch.cat([p for p, *_ in parts]), torch.cat([g for _, g, *_ in parts]))
+        masks, start = [], 0
+        for p, grid, tok, name in parts:
+            mask = input_ids == tok
+            n_tokens, n_features = int(mask.sum()), int(grid.prod(-1).sum()) // self.cfg.vision.spatial_merge_size**2
+            if n_tokens != n_features:
+                raise ValueError(
+                    f"{n_tokens} {name}-pad tokens in input_ids but the {name}s give {n_features} features "
+                    f"({name}_grid_thw {grid.tolist()} / {self.cfg.vision.spatial_merge_size}^2 each)")
+            masks.append((mask, slice(start, start + n_features)))
+            start += n_features
+        visual_mask = functools.reduce(torch.logical_or, [mask for mask, _ in masks])
+        # the tower's rows are images then videos; the pads of both, in sequence order, take them from `order`
+        order = torch.empty(start, dtype=torch.long, device=x.device)
+        for mask, rows in masks:
+            order[mask[visual_mask]] = torch.arange(rows.start, rows.stop, device=x.device)
+        x = x.masked_scatter(visual_mask[..., None], features[order].to(x.dtype))
+        return x, visual_mask, [ds[order] for ds in deepstack]
 
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None, position_ids=None,
                 cache: KVCache | None = None, doc_ids=None, labels=None, return_hidden: bool = False,
-                vision_always: bool = False, cache_position=None):
+                vision_always: bool = False, cache_position=None, pixel_values_videos=None, video_grid_thw=None,
+                second_per_grid_ts=None):
         """input_ids (B, T) -> logits (B, T, vocab); the final hidden states (B, T, D) with return_hidden; with
         labels (B, T) (-100 = not trained), the summed next-token cross-entropy (fp32 scalar) instead.
 
         attention_mask (B, cached + T) marks real tokens (1) and pads (0); doc_ids (B, T) separates packed
         documents (pass their restarting position_ids too); cache continues a previous forward (cache_position:
-        see TextModel.forward).
+        see TextModel.forward). pixel_values_videos / video_grid_thw are the video processor's; second_per_grid_ts
+        (n_videos,) = temporal_patch_size / sampled fps places Qwen2.5-VL's video frames in time.
         """
-        x, visual_mask, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, vision_always)
+        x, visual_mask, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, vision_always,
+                                               pixel_values_videos, video_grid_thw)
         if position_ids is None:
-            position_ids = self.positions(input_ids, image_grid_thw, attention_mask, cache)
+            position_ids = self.positions(input_ids, image_grid_thw, attention_mask, cache, video_grid_thw,
+                                          second_per_grid_ts)
         h = self.model(x, position_ids, attention_mask, doc_ids, cache, visual_mask, deepstack, cache_position)
         if labels is not None:
             targets = labels[:, 1:]
@@ -513,6 +569,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
         image_token_id=hf.get("image_token_id", text.get("image_token_id")),
         vision_start_token_id=hf.get("vision_start_token_id"),
         vision_end_token_id=hf.get("vision_end_token_id"),
+        video_token_id=hf.get("video_token_id", text.get("video_token_id")),
+        # 4 is transformers' Qwen2_5_VLVisionConfig default (the released checkpoints say 2)
+        tokens_per_second=None if interleaved else hf["vision_config"].get("tokens_per_second", 4),
     )
 
 

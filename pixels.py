@@ -1,4 +1,4 @@
-"""Pixels: images to the vision tower's patch rows, and the image settings of a model dir.
+"""Pixels: images and videos to the vision tower's patch rows, and the image and video settings of a model dir.
 
 A plain-PyTorch copy of transformers' Qwen2VLImageProcessorPil (5.23.0), the processor that Qwen2.5-VL and
 Qwen3-VL share; tests/test_preprocess.py checks that it is bit-identical. Used by data.py (training samples),
@@ -9,6 +9,8 @@ sample.py and eval.py (prompts) and convert.py (the assembled model keeps its vi
     num_image_tokens(grid_thw, cfg.merge_size)             # LLM placeholder tokens per image
     image_tokens(height, width, cfg)                       # the same count from the size alone, without pixels
     save_image_config(cfg, out_dir)                        # write preprocessor_config.json
+
+Videos (the second half of this file): video_config_from_dir, sample_frame_indices, preprocess_video, video_tokens.
 """
 import json
 import math
@@ -162,3 +164,192 @@ def image_tokens(height: int, width: int, cfg: ImageConfig) -> int:
     """LLM tokens of an image of this size, as preprocess_images + num_image_tokens count them, without pixels."""
     h, w = smart_resize(height, width, cfg.patch_size * cfg.merge_size, cfg.min_pixels, cfg.max_pixels)
     return h * w // (cfg.patch_size * cfg.merge_size) ** 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# video: frame sampling, resize within a pixel budget, patchify with real temporal frames
+#
+# A plain-PyTorch copy of transformers' (5.23.0) Qwen2VLVideoProcessor (Qwen2.5-VL) and Qwen3VLVideoProcessor
+# (Qwen3-VL), which need torchvision; that does not install beside this CPU torch, so tests/test_video.py checks
+# shapes and counts, not bit-identity. The two differ in three ways, all keyed on VideoConfig.text_timestamps:
+# how frames are sampled, whether the pixel budget is per frame or per video, and whether the prompt writes each
+# frame pair's time as text (Qwen3-VL, "<1.5 seconds>") or the model puts it in RoPE (Qwen2.5-VL,
+# second_per_grid_ts).
+#
+#    cfg = video_config_from_dir(model_dir)
+#    idx = sample_frame_indices(total_frames, video_fps, cfg.fps, cfg.min_frames, cfg.max_frames,
+#                               cfg.temporal_patch_size, cfg.text_timestamps)
+#    pixel_values_videos, video_grid_thw = preprocess_video(frames[idx], cfg)   # (N, C*T*p*p), (1, 3)
+#    frame_timestamps(idx, video_fps, cfg.temporal_patch_size)   # Qwen3-VL: one "<t seconds>" per frame pair
+#    second_per_grid(len(idx), total_frames, video_fps, cfg.temporal_patch_size)   # Qwen2.5-VL: RoPE time step
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoConfig:
+    patch_size: int
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int  # HF size["shortest_edge"], size["longest_edge"]: per frame (Qwen2.5-VL) or per video
+    max_pixels: int  # (Qwen3-VL: the bound is on frames * h * w)
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    rescale_factor: float = 1 / 255
+    # Qwen3VLVideoProcessor: linspace frame sampling, a per-video pixel budget, timestamps as prompt text.
+    # False: Qwen2VLVideoProcessor (Qwen2.5-VL): arange sampling, a per-frame budget, time in M-RoPE.
+    text_timestamps: bool
+    do_sample_frames: bool  # the processor's own default: Qwen2VL keeps every frame it is given, Qwen3VL samples
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 768
+    cap_pixels_per_frame: bool = False  # qwen-vl-utils' per-frame cap; transformers 5.23 leaves it off by default
+    max_video_tokens: int = 768  # the cap's budget: Qwen2VL 128000 tokens per video, Qwen3VL 768 per frame
+
+
+# The video processors' class attributes (what a key left out of the json falls back to), by text_timestamps
+VIDEO_CLASS_DEFAULTS = {
+    False: dict(patch_size=14, min_pixels=128 * 28 * 28, max_pixels=768 * 28 * 28, image_mean=CLIP_MEAN,
+                image_std=CLIP_STD, do_sample_frames=False, fps=2.0, max_video_tokens=128000),
+    True: dict(patch_size=16, min_pixels=128 * 32 * 32, max_pixels=768 * 32 * 32, image_mean=(0.5,) * 3,
+               image_std=(0.5,) * 3, do_sample_frames=True, fps=2.0, max_video_tokens=768),
+}
+
+
+def video_config_from_dir(path, patch_size: int | None = None) -> VideoConfig:
+    """Video settings of a model dir: video_preprocessor_config.json, else preprocessor_config.json (the order
+    AutoVideoProcessor looks in), else the class defaults of the family named by `patch_size` (14 Qwen2.5-VL,
+    16 Qwen3-VL). The file's video_processor_type names the family; without one, the patch size does."""
+    d = {}
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (file := Path(path) / name).exists():
+            d = json.loads(file.read_text())
+            break
+    else:
+        if patch_size not in (14, 16):
+            raise ValueError(f"{path} has no video_preprocessor_config.json or preprocessor_config.json and "
+                             f"patch_size={patch_size} names no family: pass 14 (Qwen2.5-VL) or 16 (Qwen3-VL)")
+    kind = d.get("video_processor_type")
+    if kind not in (None, "Qwen2VLVideoProcessor", "Qwen3VLVideoProcessor"):
+        raise ValueError(f"{path}: video_processor_type {kind!r} is not supported")
+    qwen3 = kind == "Qwen3VLVideoProcessor" if kind else (patch_size or d.get("patch_size")) == 16
+    for key, want in (("do_resize", True), ("do_rescale", True), ("do_normalize", True), ("resample", 3)):
+        if d.get(key, want) != want:
+            raise ValueError(f"{path}: {key}={d[key]!r} is not supported, only {want!r}")
+    size = d.get("size") or {}
+    d = {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge"),
+         **({} if qwen3 else {k: d.get(k) for k in ("min_pixels", "max_pixels")}),  # Qwen2VL's __init__ pops these
+         **{k: v for k, v in d.items() if k not in ("min_pixels", "max_pixels")}}
+    keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor",
+            "do_sample_frames", "fps", "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens")
+    kw = dict(VIDEO_CLASS_DEFAULTS[qwen3])
+    kw |= {k: d[k] for k in ("min_pixels", "max_pixels", *keys) if d.get(k) is not None}
+    if patch_size is not None:
+        kw["patch_size"] = patch_size
+    kw["image_mean"], kw["image_std"] = tuple(map(float, kw["image_mean"])), tuple(map(float, kw["image_std"]))
+    return VideoConfig(text_timestamps=qwen3, **kw)
+
+
+def sample_frame_indices(total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4,
+                         max_frames: int = 768, temporal_patch_size: int = 2, text_timestamps: bool = False) -> list[int]:
+    """Which of a video's frames the processor keeps, sampling `fps` a second (sample_frames of the two classes).
+
+    Qwen2VL: n = a multiple of temporal_patch_size within [min_frames, max_frames], floored, evenly spaced from
+    frame 0 (arange with a float step, truncated). Qwen3VL (text_timestamps): n = int(duration * fps) within
+    [min_frames, max_frames], first and last frame included (linspace, rounded); the patchifier then repeats the
+    last frame up to a multiple of temporal_patch_size."""
+    if text_timestamps:
+        n = min(max(int(total_frames / video_fps * fps), min_frames), max_frames, total_frames)
+        return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
+    max_frames = math.floor(min(max_frames, total_frames) / temporal_patch_size) * temporal_patch_size
+    n = min(max(total_frames / video_fps * fps, min_frames), max_frames, total_frames)
+    n = math.floor(n / temporal_patch_size) * temporal_patch_size
+    if n <= 0:
+        raise ValueError(f"a video of {total_frames} frames is shorter than temporal_patch_size={temporal_patch_size}")
+    return torch.arange(0, total_frames, total_frames / n).int().tolist()
+
+
+def frame_timestamps(indices: list[int], video_fps: float, temporal_patch_size: int = 2) -> list[float]:
+    """Qwen3-VL: the time (s) of each frame pair, written "<{t:.1f} seconds>" before its block in the prompt:
+    the mean of its first and last frame's idx / fps, the last index repeated to fill a pair (the processor's
+    _calculate_timestamps)."""
+    indices = list(indices) + [indices[-1]] * (-len(indices) % temporal_patch_size)
+    t = [i / video_fps for i in indices]
+    return [(t[i] + t[i + temporal_patch_size - 1]) / 2 for i in range(0, len(t), temporal_patch_size)]
+
+
+def second_per_grid(n_sampled: int, total_frames: int, video_fps: float, temporal_patch_size: int = 2) -> float:
+    """Qwen2.5-VL: seconds one temporal patch spans, temporal_patch_size / the sampled fps (the processor's
+    second_per_grid_ts entry for this video)."""
+    return temporal_patch_size / (n_sampled / total_frames * video_fps)
+
+
+def video_resize(num_frames: int, height: int, width: int, cfg: VideoConfig) -> tuple[int, int]:
+    """(h, w) every frame is resized to. Qwen2VL: smart_resize per frame. Qwen3VL: its own smart_resize, which
+    bounds frames * h * w (frames rounded to temporal pairs) and first scales up a side below the factor."""
+    factor, max_pixels = cfg.patch_size * cfg.merge_size, cfg.max_pixels
+    if not cfg.text_timestamps:
+        if cfg.cap_pixels_per_frame:  # an even share of 90% of max_video_tokens' pixels, per temporal pair
+            total = int(cfg.max_video_tokens * factor * factor * 0.9)
+            max_pixels = max(min(max_pixels, total * cfg.temporal_patch_size // num_frames), int(cfg.min_pixels * 1.05))
+        return smart_resize(height, width, factor, cfg.min_pixels, max_pixels)
+    if cfg.cap_pixels_per_frame:
+        per_frame = max(min(cfg.max_video_tokens * factor * factor, max_pixels // num_frames), int(cfg.min_pixels * 1.05))
+        max_pixels = per_frame * num_frames
+    tf = cfg.temporal_patch_size
+    if num_frames < tf:
+        raise ValueError(f"a video of {num_frames} frames has fewer than temporal_patch_size={tf}")
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if (ratio := max(height, width) / min(height, width)) > 200:
+        raise ValueError(f"video of {height}x{width} (h x w) has aspect ratio {ratio:.1f}; the limit is 200")
+    h, w, t = round(height / factor) * factor, round(width / factor) * factor, round(num_frames / tf) * tf
+    if t * h * w > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif t * h * w < cfg.min_pixels:
+        beta = math.sqrt(cfg.min_pixels / (num_frames * height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def preprocess_video(frames, cfg: VideoConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One video's (already sampled) frames, a list of PIL images or a (T, H, W, 3) uint8 array ->
+    (pixel_values_videos (N, C*T*p*p) float32, video_grid_thw (1, 3) long), as the video processor makes them.
+
+    The resize is the processor's torchvision resize, bicubic with antialias on uint8 frames. On a CPU tensor
+    torchvision calls torch's native uint8 kernel, F.interpolate below, which rounds to uint8 between its two
+    separable passes; on CUDA torchvision goes uint8 -> fp32 -> clamp -> round instead, a few levels apart.
+    Untested against the processor here (no torchvision): bit-identity is not checked, only the layout.
+    """
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"video frames must be a (T, H, W, 3) uint8 array, got {frames.shape} {frames.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(frames))
+    else:
+        x = torch.stack([torch.from_numpy(np.array(to_rgb(f))) for f in frames])
+    x = x.permute(0, 3, 1, 2).contiguous()  # (T, H, W, C) -> (T, C, H, W) uint8
+    T, _, H, W = x.shape
+    h, w = video_resize(T, H, W, cfg)
+    if (h, w) != (H, W):  # torchvision returns the frames untouched at the same size
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", antialias=True)
+    # the processor's fused rescale + normalise: (x - mean / scale) / (std / scale) in fp32
+    mean = torch.tensor(cfg.image_mean) * (1.0 / cfg.rescale_factor)
+    std = torch.tensor(cfg.image_std) * (1.0 / cfg.rescale_factor)
+    x = (x.float() - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    if pad := -T % tp:  # the last frame repeated up to a whole temporal patch
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+    gt, gh, gw = x.shape[0] // tp, h // p, w // p
+    x = x.view(gt, tp, 3, gh // m, m, p, gw // m, m, p)
+    # (gt, tp, C, gh/m, m, p, gw/m, m, p) -> (gt, gh/m, gw/m, m, m, C, tp, p, p): preprocess_images' row layout,
+    # with real frames where an image repeats one
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, 3 * tp * p * p), torch.tensor([[gt, gh, gw]])
+
+
+def video_tokens(num_frames: int, height: int, width: int, cfg: VideoConfig) -> int:
+    """LLM tokens of a video of num_frames (sampled) frames of this size, as preprocess_video + the merger count
+    them (get_num_of_video_patches // merge_size^2); the prompt's timestamp and vision_start/end tokens aside."""
+    h, w = video_resize(num_frames, height, width, cfg)
+    return -(-num_frames // cfg.temporal_patch_size) * h * w // (cfg.patch_size * cfg.merge_size) ** 2

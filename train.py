@@ -54,6 +54,7 @@ class TrainConfig:
     system_prompt: str | None = None  # None = as the chat template does; "" = none
     think: bool | None = None  # an empty or filled <think> block on the answer; None = as the chat template does
     skip_invalid: bool = False  # leave out the samples the data check rejects (listed) instead of stopping
+    max_invalid: float = 0.1  # --skip-invalid stops when more than this fraction of the samples is invalid
     num_workers: int = 0  # processes that build batches
     # -- memory and speed
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # compute dtype; master weights, optimizer
@@ -62,7 +63,7 @@ class TrainConfig:
     activation_checkpointing: Literal["auto", "none", "selective", "full"] = "auto"  # selective: recompute all
     # but matmuls and attention (torchtitan's policy); auto: selective on CUDA, none on CPU
     compile: bool | None = None  # torch.compile each block; None = on CUDA
-    peak_tflops: float = 0.0  # the device's peak for MFU; 0 = from its name
+    peak_tflops: float = 0.0  # the device's bf16 dense peak for MFU; 0 = from its name (flops.PEAK_TFLOPS)
     # -- LoRA
     lora_rank: int = 0  # 0 = no LoRA; R > 0: rank-R adapters on --lora-parts, whose weights then stay frozen
     lora_alpha: float = 32.0  # the adapters' scale is alpha / rank
@@ -140,6 +141,7 @@ from tqdm import tqdm  # noqa: E402
 
 import convert  # noqa: E402
 import data  # noqa: E402
+import flops  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 
@@ -456,13 +458,6 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
 
 
-def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
-    if cfg.peak_tflops:
-        return cfg.peak_tflops * 1e12
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return 989e12 if ("H100" in name or "H200" in name) else 312e12 if "A100" in name else float("nan")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -558,18 +553,28 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data.DataConfig)})
     chat = data.load_chat(cfg.model, dcfg)
     samples, problems = data.load_samples(cfg.data, dcfg.data_root)
-    samples, summary, more = data.check_dataset(samples, chat, dcfg, cfg.num_workers)
+    def gather(results: list) -> list[list]:
+        shards = [None] * world
+        dist.all_gather_object(shards, results)
+        return shards
+
+    n_read = len(samples) + len({p.where for p in problems})
+    samples, summary, more = data.check_dataset(samples, chat, dcfg, cfg.num_workers, rank, world, gather)
     problems += more
     if rank == 0:
         print(summary)
     if problems:
         if rank == 0:
-            print(data.describe_problems(problems), *problems[:50], sep="\n")
+            print(data.describe_problems(problems))
+        dropped = 1 - len(samples) / max(n_read, 1)
         if not cfg.skip_invalid:
             raise SystemExit(f"refusing to train on {len(problems)} problem(s) in the data (listed above): fix "
                              "them, or pass --skip-invalid to leave those samples out")
+        if dropped > cfg.max_invalid or not samples:
+            raise SystemExit(f"--skip-invalid would leave out {dropped:.0%} of the {n_read} samples, more than "
+                             f"--max-invalid {cfg.max_invalid:.0%}: the data needs fixing first")
         if rank == 0:
-            print(f"--skip-invalid: training without those samples, on {len(samples)}")
+            print(f"--skip-invalid: training without those samples, on {len(samples)} of {n_read}")
     loader = data.Loader(samples, chat, dcfg, rank, world, cfg.seed, cfg.num_workers)
     steps_per_epoch = [len(loader.plan(e)[0]) // cfg.grad_accum for e in range(cfg.epochs)]
     total_steps = cfg.max_steps or sum(steps_per_epoch)
@@ -617,7 +622,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
             epoch, offset = epoch + 1, 0
 
     batches = micro_batches(*position)
-    n_params = sum(n for n, _ in parts.values())  # for MFU
+    # what trains, as set_trainable decided it (a LoRA part has trainable adapters only: False), for flops.step_flops
+    trained = {part: part in parts and parts[part][0] == parts[part][1] for part in ("vision", "merger", "llm")}
+    peak = flops.peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.peak_tflops)
     log = None
     if rank == 0:  # a resumed run replays from its checkpoint: the lines after it are superseded
         old = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").is_file() else []
@@ -626,7 +633,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"stage {cfg.stage}")
     model.train()
     bad_steps = 0
-    t0, seen = time.perf_counter(), torch.zeros(2, device=device)  # real tokens and samples since the last log line
+    t0, seen = time.perf_counter(), torch.zeros(3, device=device)  # real tokens, samples, model FLOPs since the log
     while step < total_steps:
         micro = []
         for _ in range(cfg.grad_accum):
@@ -664,15 +671,16 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
 
         seen += torch.tensor([sum(float(b["attention_mask"].sum()) for b in micro),  # real tokens
                               sum(float(b["doc_ids"].amax(-1).sum()) if "doc_ids" in b else len(b["input_ids"])
-                                  for b in micro)], device=device)  # samples: documents of packed rows
+                                  for b in micro),  # samples: documents of packed rows
+                              sum(flops.step_flops(model.cfg, b, trained) for b in micro)], device=device)
         if step % cfg.log_every == 0 or step == total_steps:
             dt, t0 = time.perf_counter() - t0, time.perf_counter()
-            tokens, samples = all_sum(seen, world).tolist()
-            seen = torch.zeros(2, device=device)
+            tokens, samples, model_flops = all_sum(seen, world).tolist()
+            seen = torch.zeros(3, device=device)
             row = dict(step=step, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=norm.item(),
                        tokens_per_s=tokens / dt, samples_per_s=samples / dt, peak_mem_gb=peak_memory_gb(device))
-            if device.type == "cuda":  # 6 FLOPs per parameter per token (forward + backward), attention excluded
-                row["mfu"] = 6 * n_params * row["tokens_per_s"] / (world * peak_flops(cfg, device))
+            if device.type == "cuda" or cfg.peak_tflops:  # model FLOPs of every rank / their peak (flops.py)
+                row["mfu"] = model_flops / dt / (world * peak)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if log:
                 log.write(json.dumps(row) + "\n")

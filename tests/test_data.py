@@ -1,6 +1,7 @@
 """data.py: rendering against transformers' processors + Qwen's chat templates (the oracle), exact label masks,
 packed == padded == one-at-a-time loss on tiny random VLMs, the linter on a corpus of malformed samples, and the
 loader's shards, determinism and resumption. Every token id comes from the tiny tokenizer, none from Qwen."""
+import json
 import re
 from pathlib import Path
 
@@ -418,3 +419,37 @@ def test_loader_resumes_and_workers_agree(model_dir, images):
         grids = b.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
         assert int((b["input_ids"] == chat.image_token_id).sum()) == sum(pixels.num_image_tokens(grids, 2))
         assert b.get("pixel_values", torch.zeros(0)).shape[0] == int(grids.prod(-1).sum())
+
+
+@pytest.mark.parametrize("name, content, where, message", [
+    ("dup.jsonl", '{"conversations": [], "conversations": [{"from": "human", "value": "hi"}]}\n', ":1",
+     "bad JSON: duplicate key 'conversations'"),
+    ("trailing.json", '[\n{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},\n]',
+     ":3", "bad JSON: a trailing comma before ']' is not JSON"),
+    ("nan.jsonl", '{"messages": [], "id": NaN}\n', ":1", "bad JSON: NaN is not JSON"),
+    ("latin1.jsonl", b'{"id": 1}\n{"id": "caf\xe9"}\n', ":2", "not UTF-8: byte 0xe9 at offset 21"),
+    ("data.csv", "a,b\n", ":0", "unknown file type"),
+    ("empty.jsonl", "", ":0", "empty dataset: the file holds no samples"),
+    ("empty.json", "[]", ":0", "empty dataset"),
+])
+def test_strict_dataset_files(tmp_path, name, content, where, message):
+    f = tmp_path / name
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    _, problems = D.load_samples([f])
+    assert any(str(p).startswith(f"{f}{where}: ") and message in str(p) for p in problems), problems
+
+
+def test_missing_dataset_file_is_a_problem(tmp_path):
+    _, problems = D.load_samples([tmp_path / "nope.jsonl"])
+    assert [str(p) for p in problems] == [f"{tmp_path / 'nope.jsonl'}:0: missing file: no such dataset file"]
+
+
+def test_repeated_problems_are_counted_not_repeated(tmp_path):
+    line = {"category": "x", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    f = tmp_path / "many.jsonl"
+    f.write_text("".join(json.dumps(line) + "\n" for _ in range(511)))
+    _, problems = D.load_samples([f])
+    text = D.describe_problems(problems)
+    assert text.startswith("511 problem(s) in 511 sample(s): 511 unknown field")
+    assert text.count("unknown field: 'category'") == 4  # three shown, then the count
+    assert text.endswith("... and 508 more like this: unknown field: 'category'")

@@ -165,7 +165,9 @@ def test_refuses_bad_data_unless_told_to_skip(model_dir, tmp_path):
     cfg = config(model_dir, data, tmp_path / "out", max_steps=1)
     with pytest.raises(SystemExit, match="refusing to train on 1 problem"):
         train.main(cfg)
-    train.main(dataclasses.replace(cfg, skip_invalid=True))
+    with pytest.raises(SystemExit, match=r"would leave out 25% of the 4 samples, more than --max-invalid 10%"):
+        train.main(dataclasses.replace(cfg, skip_invalid=True))
+    train.main(dataclasses.replace(cfg, skip_invalid=True, max_invalid=0.5))
     assert len(losses(tmp_path / "out")) == 1
 
 
@@ -374,3 +376,12 @@ def test_a_second_run_on_a_locked_out_is_refused(model_dir, tmp_path):
         holder.wait()
     train.main(config(model_dir, data, out, max_steps=1))  # once it is gone, the lock is free
     assert len(losses(out)) == 1
+
+
+def test_log_has_tokens_per_s_and_the_vlm_flop_counters_mfu(model_dir, tmp_path):
+    import flops
+    data = write_dataset(tmp_path / "d", 2)
+    train.main(config(model_dir, data, tmp_path / "out", stage=1, max_steps=1, peak_tflops=1.0))
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
+    assert flops.peak_flops("NVIDIA H100 PCIe") == 756e12 and flops.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
