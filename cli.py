@@ -5,7 +5,7 @@ Every script keeps its settings in a dataclass at its top (train.py's TrainConfi
     cfg = cli.parse(TrainConfig, argv, __doc__)
 
 makes `--lr-vision` of `lr_vision: float | None = None  # per-part learning rates; None = lr`: bools become
---x / --no-x, lists one or more values, `Literal[...]` a choice, and a comment line `# -- data` inside the class
+--x / --no-x, lists one or more values (the flag repeated, or several after it), `Literal[...]` a choice, and a comment line `# -- data` inside the class
 starts a group of flags in --help. A field without a default is a required flag. A settings class may check its
 values in __post_init__: a ValueError there becomes a one-line usage error (exit status 2), before anything else
 runs. This file imports nothing heavy, so a script that parses before importing torch answers --help at once.
@@ -63,8 +63,10 @@ def add_flags(p: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
             kw["required"] = True
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is list:
-            kw.update(nargs="+", type=typing.get_args(kind)[0])
+        elif typing.get_origin(kind) is list:  # --image a --image b and --image a b alike; None: the default
+            shown = kw.pop("default", [])
+            kw.update(nargs="+", action="extend", type=typing.get_args(kind)[0], default=None,
+                      help=kw["help"] + (f" (default: {' '.join(map(str, shown))})" if shown else ""))
         elif typing.get_origin(kind) is typing.Literal:
             choices = typing.get_args(kind)
             kw.update(choices=choices, type=type(choices[0]))
@@ -77,7 +79,8 @@ def add_flags(p: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
 def settings(cls, parsed: argparse.Namespace, p: argparse.ArgumentParser):
     """The dataclass from parsed flags; its own checks (__post_init__) fail as usage errors."""
     try:
-        return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls)
+                      if getattr(parsed, f.name) is not None or f.default is None})
     except ValueError as e:
         p.error(str(e))
 

@@ -25,7 +25,6 @@ cache is in the model's dtype. Logits are sampled in fp32. bench/sample_speed.py
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -38,6 +37,7 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer
 
+import cli
 import convert
 import data
 import lora
@@ -50,7 +50,8 @@ class SampleConfig:
     model: str = ""  # HF-layout model dir: config.json, safetensors, tokenizer.json (+ preprocessor_config.json);
     # default: the demo's stage-2 model (`python demo.py` makes it)
     image: list[str] = field(default_factory=list)  # images for the (first) user turn, in order
-    prompt: str = ""  # "" = interactive chat
+    prompt: str = ""  # "" = a chat in a terminal, else the prompt is read from stdin
+    chat: bool = False  # a chat even when stdin is not a terminal (turns and /commands a line each)
     system: str = ""  # "" = the chat template's default (Qwen2.5-VL: "You are a helpful assistant."; Qwen3: none)
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
@@ -65,16 +66,7 @@ class SampleConfig:
 
 
 def parse_args(argv=None) -> SampleConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(SampleConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(SampleConfig(), f.name)
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.name == "image":
-            p.add_argument(flag, action="append", default=[], metavar="PATH")
-        else:
-            p.add_argument(flag, type={"int": int, "float": float, "str": str}[f.type], default=default)
-    return SampleConfig(**vars(p.parse_args(argv)))
+    return cli.parse(SampleConfig, argv, __doc__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,44 +357,62 @@ def answer(model, tokenizer, image_cfg, messages, images, cfg: SampleConfig, sto
     return tokenizer.decode(streamer.ids)
 
 
-def user_turn(text: str, paths: list[str]) -> tuple[dict, list]:
-    """A user message with its images first (as Qwen's examples put them), and the decoded images."""
-    images = [pixels.load_image(p) for p in paths]  # raises, naming the file, if missing or not an image
-    return {"role": "user", "content": [{"type": "image"}] * len(paths) + [{"type": "text", "text": text}]}, images
+def user_message(text: str, n_images: int) -> dict:
+    """A user message with its images first, as Qwen's examples put them."""
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
-def chat(model, tokenizer, image_cfg, cfg: SampleConfig, system: str, stop_ids):
+def user_turn(text: str, paths: list) -> tuple[dict, list]:
+    """The user message and its decoded images (raises, naming the file, if one is missing or not an image)."""
+    return user_message(text, len(paths)), [pixels.load_image(p) for p in paths]
+
+
+HELP = "`/image PATH` attaches an image to your next message, `/reset` starts over, `/quit` or Ctrl-D leaves"
+
+
+def chat(model, tokenizer, image_cfg, cfg: SampleConfig, system: str, stop_ids, pending: list):
     """A multi-turn chat. Each turn prefills the whole conversation again, its images included: simple, and the
-    prompt is short next to the time spent decoding on a CPU."""
-    print("chat: type a message; `/image PATH` attaches an image to your next one, `/reset` starts over, `/quit` "
-          "or Ctrl-D leaves.", file=sys.stderr)
+    prompt is short next to the time spent decoding on a CPU. A command is checked when typed (an image is
+    decoded then); an error loses nothing else; Ctrl-C stops an answer, at the prompt it leaves."""
+    print(f"chat: type a message; {HELP}.", file=sys.stderr)
     opening = [{"role": "system", "content": system}] if system else []
-    messages, images, pending = list(opening), [], list(cfg.image)
+    messages, images = list(opening), []
     while True:
+        attached = f" (+{len(pending)} image{'s' if len(pending) > 1 else ''})" if pending else ""
         try:
-            line = input(f"you{f' (+{len(pending)} image)' if pending else ''}> ").strip()
-        except EOFError:
-            print()
+            line = input(f"you{attached}> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
             return
-        if line in ("/quit", "/exit"):
+        command, _, arg = line.partition(" ")
+        if command in ("/quit", "/exit"):
             return
-        if line == "/reset":
+        if command == "/reset":
             messages, images, pending = list(opening), [], []
-        elif line.startswith("/image "):
-            pending.append(line.removeprefix("/image ").strip())
-        elif line:
+            print("(conversation and attached images cleared)", file=sys.stderr)
+        elif command == "/image":
             try:
-                message, new = user_turn(line, pending)
-                print("assistant> ", end="", flush=True)
-                reply = answer(model, tokenizer, image_cfg, messages + [message], images + new, cfg, stop_ids)
-            except (FileNotFoundError, ValueError) as e:  # a bad image, too long a chat: say so, keep chatting
+                if image_cfg is None:
+                    raise ValueError("this model is a text-only LLM: it cannot take images")
+                pending.append(pixels.load_image(arg.strip()))  # raises, naming the file, if missing or not one
+            except (FileNotFoundError, ValueError) as e:
                 print(f"error: {e}", file=sys.stderr)
+        elif command.startswith("/"):
+            print(f"error: unknown command {command}: {HELP}", file=sys.stderr)
+        elif line:
+            message = user_message(line, len(pending))
+            try:
+                print("assistant> ", end="", flush=True)
+                reply = answer(model, tokenizer, image_cfg, messages + [message], images + pending, cfg, stop_ids)
+            except ValueError as e:  # too long a chat: say so; the message and its images stay pending
+                print(f"error: {e}", file=sys.stderr)
+            except KeyboardInterrupt:
+                print("\n(answer interrupted)", file=sys.stderr)
             else:
                 # Qwen3's template keeps no reasoning of past turns: only the text after </think> stays
                 reply = reply.split("</think>")[-1].lstrip("\n")
                 messages += [message, {"role": "assistant", "content": reply}]
-                images += new
-            pending = []
+                images, pending = images + pending, []
 
 
 DEMO_MODEL = "out/demo/stage2"
@@ -418,6 +428,11 @@ def main(argv=None):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         message, images = user_turn(cfg.prompt, cfg.image)  # before the (slow) model load: a bad path fails at once
+        prompt = cfg.prompt
+        if not prompt and not cfg.chat and not sys.stdin.isatty():  # piped in: that is the prompt, one answer
+            if not (prompt := sys.stdin.read().strip()):
+                raise ValueError("no --prompt and nothing on stdin: give a prompt, or --chat")
+            message = user_message(prompt, len(images))
         model, tokenizer, image_cfg = load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
         if cfg.image and image_cfg is None:
             raise ValueError(f"{cfg.model} is a text-only LLM (no vision tower): it cannot take --image")
@@ -429,12 +444,14 @@ def main(argv=None):
         if not stop_ids:
             print(f"warning: {cfg.model} names no eos_token_id: every answer runs to --max-new-tokens",
                   file=sys.stderr)
-        if not cfg.prompt:
-            return chat(model, tokenizer, image_cfg, cfg, system, stop_ids)
+        if not prompt:
+            return chat(model, tokenizer, image_cfg, cfg, system, stop_ids, images)
         opening = [{"role": "system", "content": system}] if system else []
         answer(model, tokenizer, image_cfg, opening + [message], images, cfg, stop_ids)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -244,10 +244,24 @@ def test_cli_answers_about_an_image(cli_dir):
 
 def test_cli_chat_keeps_going_after_a_bad_image(cli_dir):
     turns = f"/image {cli_dir / 'small.png'}\nWhat is it?\n/image {cli_dir / 'nope.png'}\nAnd this?\nMore?\n/quit\n"
-    p = run_cli("--model", cli_dir, "--max-new-tokens", 4, "--dtype", "float32", stdin=turns)
+    p = run_cli("--model", cli_dir, "--max-new-tokens", 4, "--dtype", "float32", "--chat", stdin=turns)
     assert p.returncode == 0, p.stderr
     assert f"error: image file not found: {cli_dir / 'nope.png'}" in p.stderr
-    assert p.stdout.count("assistant> ") == 2  # the turn with the bad image was refused, the others answered
+    assert p.stdout.count("assistant> ") == 3  # the bad image refused when typed, nothing else lost
+
+
+def test_cli_chat_commands_and_a_prompt_from_stdin(cli_dir):
+    turns = "/foo\n/image\n/reset\nhi\n"
+    p = run_cli("--model", cli_dir, "--max-new-tokens", 2, "--dtype", "float32", "--chat", stdin=turns)
+    assert p.returncode == 0 and "error: unknown command /foo: `/image PATH`" in p.stderr, p.stderr
+    assert "(conversation and attached images cleared)" in p.stderr and "Traceback" not in p.stderr
+    assert p.stdout.count("assistant> ") == 1  # EOF after the last turn leaves quietly
+    p = run_cli("--model", cli_dir, "--image", cli_dir / "small.png", "--max-new-tokens", 8, "--dtype", "float32",
+                stdin="Describe the image.\n")
+    assert p.returncode == 0 and p.stdout == expected_answer(cli_dir, "Describe the image.",
+                                                             [cli_dir / "small.png"], 8) + "\n"
+    p = run_cli("--model", cli_dir, "--dtype", "float32", stdin="")
+    assert p.returncode == 1 and p.stderr.strip() == "error: no --prompt and nothing on stdin: give a prompt, or --chat"
 
 
 def test_cli_text_only_llm(tmp_path, capsys):
