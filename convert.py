@@ -4,6 +4,7 @@ a new VLM from a VL model's vision tower and a Qwen3 LLM:
     model = from_pretrained(DIR, device="cuda", dtype=torch.bfloat16)   # any model dir: an LLM, a VLM
     python convert.py assemble --vision DIR --llm DIR --out DIR [--merger-init fresh|copy] [--dtype bfloat16]
     python convert.py merge-lora --model BASE --adapter DIR --out DIR    # a LoRA adapter folded into its base
+    python convert.py check --model DIR                                  # every tensor read and checked
 
 Our module tree mirrors the checkpoints: `model.*` is the decoder, `visual.*` the vision tower (with its
 merger), `lm_head` the output matrix. Every layout we meet maps onto it with a few prefix rules:
@@ -44,7 +45,10 @@ from model import hf_name, our_name  # the HF name map lives beside the HF confi
 def read_config(path: Path) -> dict:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json, not a model directory")
-    return json.loads((path / "config.json").read_text())
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}/config.json is not JSON: {e}") from None
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
@@ -60,18 +64,24 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
-def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> dict[str, torch.Tensor]:
+def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None,
+                    check_values: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint into a state dict with `model`'s names, strictly: every tensor of the file fills a
     parameter, every parameter is filled, shapes agree; otherwise one error lists every problem. Tensors are read
     one at a time (safe_open), converted and moved, so peak memory is one copy of the weights. A tied model takes
-    its output matrix from the embeddings; a stored lm_head.weight must then equal them (checked, then dropped)."""
+    its output matrix from the embeddings; a stored lm_head.weight must then equal them (checked, then dropped).
+    A tensor whose dtype is not config.json's, or an integer one for a float parameter, is a problem too (from the
+    headers: free); check_values also reads every value for NaN / inf (`python convert.py check DIR`: it reads
+    the whole file, 1.1 s for a 0.6B bf16 checkpoint whose plain load takes 0.035 s)."""
     path = Path(path)
     files = checkpoint_files(path)
     expected = model.state_dict(keep_vars=True)
     tied = model.cfg.text.tie_word_embeddings
     if tied:
         expected.pop("lm_head.weight")
-    state, unexpected, misshaped, stored_head = {}, [], [], None
+    hf = read_config(path)
+    declared = getattr(torch, str(hf.get("dtype") or hf.get("torch_dtype")), None)  # what the config says
+    state, unexpected, misshaped, stored_head, bad = {}, [], [], None, []
     with contextlib.ExitStack() as stack:
         opened = {file: stack.enter_context(safe_open(file, framework="pt", device="cpu"))
                   for file in set(files.values())}
@@ -89,11 +99,18 @@ def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> di
                 state[name] = None  # present, just wrong: not also reported missing
                 continue
             t = f.get_tensor(key)
+            if expected[name].is_floating_point() and not t.is_floating_point():
+                bad.append(f"{key}: {t.dtype} where the model has a float parameter")
+            elif isinstance(declared, torch.dtype) and t.dtype != declared:
+                bad.append(f"{key}: {t.dtype}, but config.json declares {declared}")
+            elif check_values and t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(f"{key}: holds NaN or infinite values")
             state[name] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
     missing = sorted(set(expected) - set(state))
-    if missing or unexpected or misshaped:
+    if missing or unexpected or misshaped or bad:
         lines = [f"{path}: checkpoint does not fit the model ({type(model).__name__} built from config.json)"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                             ("bad", bad)):
             if items:
                 lines.append(f"  {len(items)} {title}:")
                 lines += [f"    {item}" for item in items]
@@ -107,13 +124,24 @@ def load_state_dict(path, model: torch.nn.Module, device=None, dtype=None) -> di
     return state
 
 
+def read_model_config(path: Path) -> tuple[dict, M.ModelConfig]:
+    """config.json and our config of a model dir; a config that is not a Qwen model's is one error naming it."""
+    hf = read_config(path)
+    try:
+        return hf, M.config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a Qwen model dir: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a Qwen model dir ({type(e).__name__}: {e} in config.json)") from None
+
+
 def from_pretrained(path, device=None, dtype: torch.dtype | None = None) -> M.VLM:
     """A ready model for an HF directory (config.json + safetensors), built on the meta device and filled in
     place with the checkpoint's tensors (assign=True), so peak memory stays near one copy of the weights.
     dtype None keeps the stored dtype."""
     path = Path(path)
     with torch.device("meta"):
-        model = M.VLM(M.config_from_hf(read_config(path)))
+        model = M.VLM(read_model_config(path)[1])
     model.load_state_dict(load_state_dict(path, model, device=device, dtype=dtype), strict=True, assign=True)
     model.tie_weights()  # assign=True replaced the parameter objects: tie again
     return model.eval()
@@ -488,8 +516,14 @@ class MergeArgs:
     force: bool = False  # write into a non-empty --out
 
 
+@dataclass
+class CheckArgs:
+    model: str  # a model dir: every tensor read, its name, shape, dtype and values (NaN / inf) checked
+
+
 COMMANDS = {"assemble": (AssembleArgs, "a new VLM: a VL model's vision tower + a Qwen3 LLM + a merger"),
-            "merge-lora": (MergeArgs, "a PEFT LoRA adapter folded into its base: a plain HF model dir")}
+            "merge-lora": (MergeArgs, "a PEFT LoRA adapter folded into its base: a plain HF model dir"),
+            "check": (CheckArgs, "read a whole model dir: every problem of its config and tensors, by name")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -503,6 +537,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "assemble":
             assemble(a)
+        elif args.command == "check":
+            with torch.device("meta"):
+                model = M.VLM(read_model_config(Path(a.model))[1])
+            n = len(load_state_dict(a.model, model, check_values=True))
+            print(f"{a.model}: {n} tensors, each where the model expects it, in config.json's dtype, all finite")
         else:
             if Path(a.out).exists() and any(Path(a.out).iterdir()) and not a.force:
                 raise FileExistsError(f"{a.out} exists and is not empty: choose a new --out, or --force")

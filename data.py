@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+import convert
 import model
 import pixels
 
@@ -103,7 +104,7 @@ def load_chat(path, cfg: DataConfig) -> Chat:
     for name in ("config.json", "tokenizer.json"):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d}: no {name}; --model must be a model directory")
-    mc = model.config_from_hf(json.loads((d / "config.json").read_text()))
+    mc = convert.read_model_config(d)[1]
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
     system, think = template_defaults(read_chat_template(d))
 
@@ -614,7 +615,11 @@ def main(argv=None) -> int:
                        **(dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)))
     args = p.parse_args(argv)
     cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
-    chat = load_chat(args.model, cfg)
+    try:
+        chat = load_chat(args.model, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"checking with max_length {cfg.max_length} (train.py's default too)")
     samples, problems = load_samples(args.files, cfg.data_root)
     samples, summary, more = check_dataset(samples, chat, cfg, args.num_workers)
     print(summary)

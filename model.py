@@ -526,6 +526,35 @@ def hf_name(name: str, hf_config: dict) -> str:
 
 
 
+def size(d: dict, key: str, default=...) -> int:
+    """A size from config.json: present (or defaulted) and a positive integer, checked before anything is built."""
+    v = d.get(key, default)
+    if v is ...:
+        raise ValueError(f"config.json has no {key!r}")
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"config.json: {key} = {v!r}, expected a positive integer")
+    return v
+
+
+def positive(v, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise ValueError(f"config.json: {key} = {v!r}, expected a positive number")
+    return v
+
+
+def check_fits(t: TextConfig, limit: float = 2e12) -> None:
+    """Heads that group, and a size some machine could hold (num_hidden_layers 1e9 would hang building it)."""
+    if t.num_heads % t.num_kv_heads:
+        raise ValueError(f"config.json: num_attention_heads {t.num_heads} is not a multiple of num_key_value_heads "
+                         f"{t.num_kv_heads}")
+    per_layer = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads) + 3 * t.hidden_size * \
+        t.intermediate_size
+    n = t.num_layers * per_layer + t.vocab_size * t.hidden_size * (1 if t.tie_word_embeddings else 2)
+    if n > limit:
+        raise ValueError(f"config.json describes a decoder of {n:.3g} parameters ({2 * n / 1e12:.3g} TB in bf16), "
+                         "more than any machine holds: check its sizes")
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """Read an HF config.json (Qwen3 / Qwen2 LLMs, Qwen2.5-VL, Qwen3-VL, and the pairs `convert.py assemble`
     writes). This and vision_config_from_hf below are the only code that knows HF config keys."""
@@ -544,23 +573,26 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if is_vl:
         mrope = tuple(rope.get("mrope_section") or ((24, 20, 20) if interleaved else (16, 24, 24)))
     tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+    n_heads = size(text, "num_attention_heads")
     text_cfg = TextConfig(
-        vocab_size=text["vocab_size"],
-        hidden_size=text["hidden_size"],
-        intermediate_size=text["intermediate_size"],
-        num_layers=text["num_hidden_layers"],
-        num_heads=text["num_attention_heads"],
-        num_kv_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
-        head_dim=text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"],
-        rope_theta=float(text.get("rope_theta") or rope.get("rope_theta") or hf.get("rope_theta")),
-        rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-        max_position_embeddings=text.get("max_position_embeddings", 32768),
+        vocab_size=size(text, "vocab_size"),
+        hidden_size=size(text, "hidden_size"),
+        intermediate_size=size(text, "intermediate_size"),
+        num_layers=size(text, "num_hidden_layers"),
+        num_heads=n_heads,
+        num_kv_heads=size(text, "num_key_value_heads", n_heads),
+        head_dim=size(text, "head_dim", None) if text.get("head_dim") else size(text, "hidden_size") // n_heads,
+        rope_theta=float(positive(text.get("rope_theta") or rope.get("rope_theta") or hf.get("rope_theta"),
+                                  "rope_theta")),
+        rms_norm_eps=positive(text.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        max_position_embeddings=size(text, "max_position_embeddings", 32768),
         tie_word_embeddings=bool(tie),
         qkv_bias=not qwen3 or bool(text.get("attention_bias", False)),
         qk_norm=qwen3,
         mrope_section=mrope,
         mrope_interleaved=interleaved,
     )
+    check_fits(text_cfg)
     if not is_vl:
         return ModelConfig(text=text_cfg)
     return ModelConfig(
@@ -589,15 +621,15 @@ def vision_config_from_hf(vision_config: dict, out_hidden_size: int | None = Non
     if act != want:
         raise ValueError(f"vision hidden_act {act!r}: expected {want!r} for this layout")
     return VisionConfig(
-        depth=vc["depth"],
-        hidden_size=vc["hidden_size"],
-        num_heads=vc["num_heads"],
-        intermediate_size=vc["intermediate_size"],
-        out_hidden_size=out_hidden_size or vc["out_hidden_size"],
-        patch_size=vc["patch_size"],
-        temporal_patch_size=vc.get("temporal_patch_size", 2),
-        spatial_merge_size=vc.get("spatial_merge_size", 2),
-        in_channels=vc.get("in_channels", vc.get("in_chans", 3)),  # old config.json files say in_chans
+        depth=size(vc, "depth"),
+        hidden_size=size(vc, "hidden_size"),
+        num_heads=size(vc, "num_heads"),
+        intermediate_size=size(vc, "intermediate_size"),
+        out_hidden_size=out_hidden_size or size(vc, "out_hidden_size"),
+        patch_size=size(vc, "patch_size"),
+        temporal_patch_size=size(vc, "temporal_patch_size", 2),
+        spatial_merge_size=size(vc, "spatial_merge_size", 2),
+        in_channels=size(vc, "in_channels", vc.get("in_chans", 3)),  # old config.json files say in_chans
         norm="layer" if learned_pos else "rms",
         mlp="gelu_tanh" if learned_pos else "swiglu",
         patch_bias=learned_pos,

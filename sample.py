@@ -79,10 +79,7 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16, ad
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model dir not found: {path}")
-    try:
-        model = convert.from_pretrained(path, device=device, dtype=dtype)
-    except (KeyError, TypeError, json.JSONDecodeError) as e:  # a config.json that is not a Qwen model's
-        raise ValueError(f"{path}: not a Qwen model dir ({type(e).__name__}: {e} in config.json)") from e
+    model = convert.from_pretrained(path, device=device, dtype=dtype)  # errors name the dir and what is wrong
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{path}: no tokenizer.json (copy the tokenizer files of the base model here)")
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))

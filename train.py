@@ -208,9 +208,9 @@ def load_model(cfg: TrainConfig, device: torch.device) -> tuple[M.VLM, dict, tor
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    hf_config = convert.read_config(Path(cfg.model))
+    hf_config, model_cfg = convert.read_model_config(Path(cfg.model))
     with torch.device("meta"):
-        model = M.VLM(M.config_from_hf(hf_config))
+        model = M.VLM(model_cfg)
     if (Path(cfg.model) / "adapter_config.json").is_file():
         raise SystemExit(f"error: {cfg.model} holds a LoRA adapter beside its weights: merge it first (python "
                          f"convert.py merge-lora --model {cfg.model} --adapter {cfg.model} --out DIR), then --model DIR")
@@ -470,6 +470,10 @@ def main(cfg: TrainConfig) -> None:
         watch_parent()
     try:
         train(cfg, rank, world, device)
+    except (ValueError, FileNotFoundError) as e:  # what the user passed in: one line (DEBUG=1: the traceback)
+        if os.environ.get("DEBUG"):
+            raise
+        raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         done = sorted(Path(cfg.out).glob("checkpoints/step_????????"))
         where = (f"the same command with --resume continues from {done[-1]}" if done else

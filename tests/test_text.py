@@ -1,5 +1,10 @@
 """The Qwen3 / Qwen2 decoder through the production loader equals transformers (fp32, CPU)."""
 import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import convert
 import model as M
 
+ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["qwen3", "qwen3_tied", "qwen2"]
 
 
@@ -179,3 +185,55 @@ def test_bf16_load_and_rope_stays_fp32(text_model_dir):
     with torch.no_grad():
         err = (ours(ids).float() - hf(input_ids=ids).logits).abs().max()
     assert err < 0.1  # bf16 weights vs fp32 reference: close, not equal
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden_size=-64), "hidden_size = -64, expected a positive integer"),
+    (dict(vocab_size=10**12), "describes a decoder of 1.28e+14 parameters"),
+    (dict(intermediate_size="96"), "intermediate_size = '96', expected a positive integer"),
+    (dict(vocab_size=None), "config.json has no 'vocab_size'"),
+    (dict(num_key_value_heads=0), "num_key_value_heads = 0, expected a positive integer"),
+    (dict(num_key_value_heads=3), "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (dict(num_hidden_layers=10**9), "more than any machine holds"),
+    (dict(rms_norm_eps=0), "rms_norm_eps = 0, expected a positive number"),
+])
+def test_absurd_config_values_are_one_error_before_anything_is_built(text_model_dir, tmp_path, change, message):
+    _, path = text_model_dir("qwen3")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(change)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"{tmp_path}: not a Qwen model dir: .*{re.escape(message)}"):
+        convert.from_pretrained(tmp_path)
+
+
+def test_vision_patch_size_zero_is_refused():
+    with pytest.raises(ValueError, match=r"patch_size = 0, expected a positive integer"):
+        M.vision_config_from_hf(dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64,
+                                     patch_size=0, hidden_act="silu"))
+
+
+def test_loader_names_wrong_dtypes_and_check_names_non_finite_tensors(text_model_dir, tmp_path):
+    _, path = text_model_dir("qwen3")
+    state = load_file(path / "model.safetensors")
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    bad = dict(state)
+    bad["model.norm.weight"] = state["model.norm.weight"].half()
+    bad["model.layers.0.input_layernorm.weight"] = state["model.layers.0.input_layernorm.weight"].long()
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError) as e:
+        convert.from_pretrained(tmp_path)
+    assert "model.norm.weight: torch.float16, but config.json declares torch.float32" in str(e.value)
+    assert "model.layers.0.input_layernorm.weight: torch.int64 where the model has a float parameter" in str(e.value)
+    nan = dict(state)
+    nan["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"].clone()
+    nan["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
+    save_file(nan, tmp_path / "model.safetensors")
+    assert convert.from_pretrained(tmp_path) is not None  # the plain load reads no values (it maps the file)
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "check", "--model", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "model.layers.1.mlp.up_proj.weight: holds NaN or infinite values" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "check", "--model", str(path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "all finite" in r.stdout
