@@ -365,8 +365,24 @@ def render(sample: Sample, chat: Chat, counts: list[int]) -> tuple[list[int], li
     return ids, labels
 
 
-def check_sample(sample: Sample, chat: Chat, max_length: int) -> tuple[Sample | None, list[Problem]]:
-    """Decode a sample's images and render it: (the sample, measured, or None; its problems)."""
+def image_facts(path: Path) -> list:
+    """[file size, mtime_ns, height, width, problem] of an image after a full decode (problem "" when it is fine):
+    what the dataset check needs, cached by size and mtime so that a restart decodes nothing again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [-1, -1, 0, 0, "missing image"]
+    try:
+        img = pixels.load_image(path)
+        return [st.st_size, st.st_mtime_ns, img.height, img.width, ""]
+    except (ValueError, FileNotFoundError) as e:  # corrupt, truncated, not an image
+        return [st.st_size, st.st_mtime_ns, 0, 0, f"undecodable image: {e}"]
+
+
+def check_sample(sample: Sample, chat: Chat, max_length: int,
+                 facts: dict[str, list] | None = None) -> tuple[Sample | None, list[Problem]]:
+    """Render a sample with its images' sizes (`facts`: image_facts of each; None: decode them now): (the sample,
+    measured, or None; its problems)."""
     out, counts = [], []
 
     def bad(kind, detail):
@@ -379,17 +395,15 @@ def check_sample(sample: Sample, chat: Chat, max_length: int) -> tuple[Sample | 
     if sample.images and chat.image is None:
         bad("no vision tower", f"{len(sample.images)} image(s) but the model is a text-only LLM")
     for path in sample.images if chat.image else ():
+        *_, height, width, problem = facts[str(path)] if facts is not None else image_facts(path)
+        if problem:
+            kind, _, detail = problem.partition(": ")
+            bad(kind, detail or str(path))
+            continue
         try:
-            img = pixels.load_image(path)
-        except FileNotFoundError:
-            bad("missing image", str(path))
-        except ValueError as e:  # corrupt, truncated, not an image
-            bad("undecodable image", str(e))
-        else:
-            try:
-                counts.append(pixels.image_tokens(img.height, img.width, chat.image))
-            except ValueError as e:  # smart_resize: an aspect ratio over 200
-                bad("bad image", f"{path}: {e}")
+            counts.append(pixels.image_tokens(height, width, chat.image))
+        except ValueError as e:  # smart_resize: an aspect ratio over 200
+            bad("bad image", f"{path}: {e}")
     if out:
         return None, out
     ids, labels = render(sample, chat, counts)
@@ -401,7 +415,57 @@ def check_sample(sample: Sample, chat: Chat, max_length: int) -> tuple[Sample | 
     return (None if out else replace(sample, tokens=len(ids), image_tokens=tuple(counts))), out
 
 
-_CHECKING = None  # (chat, max_length) for check_dataset's forked workers
+def cache_file(sample: Sample) -> Path:
+    """Where the image facts of a sample's dataset file are cached: beside it."""
+    data_file = Path(sample.where.rsplit(":", 1)[0])
+    return data_file.with_name(data_file.name + ".images.json")
+
+
+def check_images(samples: list[Sample], num_workers: int, rank: int, world_size: int, gather) -> dict[str, list]:
+    """image_facts of every image of `samples`, from the caches beside the data where size and mtime still
+    match; the rest decoded, each rank its share (in `num_workers` processes), gathered, and the caches updated
+    by rank 0."""
+    caches = {}
+    for f in {cache_file(s) for s in samples if s.images}:
+        try:
+            caches[f] = json.loads(f.read_text()) if f.is_file() else {}
+        except ValueError:  # a damaged cache is only a slower start
+            caches[f] = {}
+    paths, facts = {}, {}
+    for s in samples:
+        for p in s.images:
+            paths.setdefault(str(p), cache_file(s))
+    for p, f in paths.items():
+        hit = caches[f].get(p)
+        try:
+            st = Path(p).stat()
+            if hit and hit[:2] == [st.st_size, st.st_mtime_ns]:
+                facts[p] = hit
+        except OSError:
+            pass
+    todo = sorted(set(paths) - set(facts))[rank::world_size]
+    if num_workers > 0 and len(todo) > 64:
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+            new = dict(zip(todo, pool.map(image_facts, map(Path, todo), chunksize=64)))
+    else:
+        new = {p: image_facts(Path(p)) for p in todo}
+    for shard in gather(new) if world_size > 1 else [new]:
+        facts |= shard
+        if rank == 0:
+            for p, fact in shard.items():
+                caches[paths[p]][p] = fact
+    if rank == 0:
+        for f, cache in caches.items():
+            try:
+                tmp = f.with_name(f.name + ".tmp")
+                tmp.write_text(json.dumps(cache))
+                tmp.replace(f)
+            except OSError:  # a read-only dataset: no cache, the next start decodes again
+                pass
+    return facts
+
+
+_CHECKING = None  # (chat, max_length, facts) for check_dataset's forked workers
 
 
 def _check(sample):
@@ -410,16 +474,17 @@ def _check(sample):
 
 def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig, num_workers: int = 0, rank: int = 0,
                   world_size: int = 1, gather=None) -> tuple[list[Sample], str, list[Problem]]:
-    """Check every sample (decode its images, render it): (the valid samples with their lengths, a summary,
-    the problems). num_workers > 0 checks in that many forked processes. Shared among ranks: each checks every
-    world_size-th sample from its rank, and gather (one rank's results -> every rank's, e.g. an all_gather)
-    brings them together, in order, on every rank."""
+    """Check every sample (its images decoded once, cached beside the data, then rendered): (the valid samples with
+    their lengths, a summary, the problems). num_workers > 0 works in that many forked processes. Shared among
+    ranks: each decodes and renders its share, and gather (one rank's results -> every rank's, e.g. an
+    all_gather) brings them together, in order, on every rank."""
     global _CHECKING
-    _CHECKING = (chat, cfg.max_length)
+    facts = check_images(samples, num_workers, rank, world_size, gather) if chat.image else {}
+    _CHECKING = (chat, cfg.max_length, facts)
     mine = samples[rank::world_size]
-    if num_workers > 0:
+    if num_workers > 0 and len(mine) > 256:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            results = pool.map(_check, mine, chunksize=64)
+            results = pool.map(_check, mine, chunksize=256)
     else:
         results = list(map(_check, mine))
     if world_size > 1:
@@ -570,10 +635,11 @@ class Loader:
     to the last batch handed out; `batches(epoch, start=offset)` resumes right after it."""
 
     def __init__(self, samples: list[Sample], chat: Chat, cfg: DataConfig, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, num_workers: int = 0, pin_memory: bool = False):
         if not samples or any(s.tokens == 0 for s in samples):
             raise ValueError("Loader takes the samples check_dataset returns (it measures them), and at least one")
         self.samples, self.chat, self.cfg, self.num_workers = samples, chat, cfg, num_workers
+        self.pin_memory = pin_memory  # page-locked batches: the copy to the GPU runs beside compute
         self.rank, self.world_size, self.seed, self.offset = rank, world_size, seed, 0
         self.lengths = [min(s.tokens, cfg.max_length) for s in samples]
 
@@ -592,7 +658,7 @@ class Loader:
                              f"resume from a `loader.offset` saved by the same data settings")
         make = functools.partial(make_batch, samples=self.samples, chat=self.chat, cfg=self.cfg)
         workers = torch.utils.data.DataLoader(batches[first:], batch_size=None, collate_fn=make,
-                                              num_workers=self.num_workers)
+                                              num_workers=self.num_workers, pin_memory=self.pin_memory)
         self.offset = start
         for b, batch in enumerate(workers, first):
             self.offset = int(ends[b + 1])

@@ -55,7 +55,8 @@ class TrainConfig:
     think: bool | None = None  # an empty or filled <think> block on the answer; None = as the chat template does
     skip_invalid: bool = False  # leave out the samples the data check rejects (listed) instead of stopping
     max_invalid: float = 0.1  # --skip-invalid stops when more than this fraction of the samples is invalid
-    num_workers: int = 0  # processes that build batches
+    num_workers: int | None = None  # processes that check the data and build batches; None = min(4, cores per
+    # rank - 1)
     # -- memory and speed
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # compute dtype; master weights, optimizer
     # state and gradient reduction are fp32
@@ -83,13 +84,15 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "pack_window", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("max_steps", "warmup_steps", "save_every", "keep_last", "num_workers", "weight_decay",
+        for name in ("max_steps", "warmup_steps", "save_every", "keep_last", "weight_decay",
                      "peak_tflops", "max_bad_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
         for name in ("lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be above 0")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"--num-workers {self.num_workers}: must be 0 or more")
         if self.lora_rank < 0 or not set(self.lora_parts.split(",")) <= {"llm", "vision"}:
             raise ValueError(f"--lora-rank {self.lora_rank} / --lora-parts {self.lora_parts}: a rank of 0 or more, "
                              "parts llm, vision or llm,vision")
@@ -554,6 +557,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     np.random.seed(cfg.seed)
 
     # data first: a broken dataset fails before any weights are read (the same check as `python data.py`)
+    workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) // world - 1))
     dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data.DataConfig)})
     chat = data.load_chat(cfg.model, dcfg)
     samples, problems = data.load_samples(cfg.data, dcfg.data_root)
@@ -563,7 +567,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         return shards
 
     n_read = len(samples) + len({p.where for p in problems})
-    samples, summary, more = data.check_dataset(samples, chat, dcfg, cfg.num_workers, rank, world, gather)
+    samples, summary, more = data.check_dataset(samples, chat, dcfg, workers, rank, world, gather)
     problems += more
     if rank == 0:
         print(summary)
@@ -579,7 +583,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                              f"--max-invalid {cfg.max_invalid:.0%}: the data needs fixing first")
         if rank == 0:
             print(f"--skip-invalid: training without those samples, on {len(samples)} of {n_read}")
-    loader = data.Loader(samples, chat, dcfg, rank, world, cfg.seed, cfg.num_workers)
+    loader = data.Loader(samples, chat, dcfg, rank, world, cfg.seed, workers, pin_memory=device.type == "cuda")
     steps_per_epoch = [len(loader.plan(e)[0]) // cfg.grad_accum for e in range(cfg.epochs)]
     total_steps = cfg.max_steps or sum(steps_per_epoch)
     if rank == 0:
@@ -648,7 +652,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                                         device=device), world)
         loss_sum = torch.zeros((), device=device)
         for b in micro:
-            inputs = {k: b[k].to(device) for k in MODEL_INPUTS if b.get(k) is not None}
+            inputs = {k: b[k].to(device, non_blocking=True) for k in MODEL_INPUTS if b.get(k) is not None}
             s = model(**inputs, vision_always=True)  # in the compute dtype: FSDP2 casts the parameters
             # FSDP averages gradients over ranks: times world turns that mean back into the global sum
             (s * world / n_labels.clamp(min=1)).backward()

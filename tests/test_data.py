@@ -453,3 +453,28 @@ def test_repeated_problems_are_counted_not_repeated(tmp_path):
     assert text.startswith("511 problem(s) in 511 sample(s): 511 unknown field")
     assert text.count("unknown field: 'category'") == 4  # three shown, then the count
     assert text.endswith("... and 508 more like this: unknown field: 'category'")
+
+
+def test_image_check_is_cached_beside_the_data_and_redone_for_a_changed_file(model_dir, tmp_path, monkeypatch):
+    chat = D.load_chat(model_dir("qwen3_vl"), D.DataConfig())
+    for i in range(3):
+        Image.new("RGB", (40 + 8 * i, 32), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    lines = [{"messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "x"}],
+              "images": [f"{i}.png"]} for i in range(3)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    samples, _ = D.load_samples([tmp_path / "d.jsonl"])
+    first, _, problems = D.check_dataset(samples, chat, D.DataConfig())
+    cache = json.loads((tmp_path / "d.jsonl.images.json").read_text())
+    assert not problems and len(cache) == 3 and all(v[2:4] == [32, 40 + 8 * i] for i, v in enumerate(cache.values()))
+    decoded = []
+    load = D.pixels.load_image
+    monkeypatch.setattr(D.pixels, "load_image", lambda p: decoded.append(p) or load(p))
+    again, _, _ = D.check_dataset(samples, chat, D.DataConfig())
+    assert decoded == [] and [s.tokens for s in again] == [s.tokens for s in first]  # nothing decoded again
+    Image.new("RGB", (96, 64)).save(tmp_path / "1.png")  # a changed file: its size and mtime differ
+    D.check_dataset(samples, chat, D.DataConfig())
+    cache = json.loads((tmp_path / "d.jsonl.images.json").read_text())
+    assert decoded == [tmp_path / "1.png"] and cache[str(tmp_path / "1.png")][2:4] == [64, 96]
+    (tmp_path / "2.png").write_bytes(b"broken now")
+    _, _, problems = D.check_dataset(samples, chat, D.DataConfig())
+    assert [p.kind for p in problems] == ["undecodable image"] and problems[0].where.endswith("d.jsonl:3")
