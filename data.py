@@ -16,7 +16,6 @@ For train.py (`python data.py FILE... --model DIR` is its first four steps, as a
         offset = loader.offset                                  # save it: batches(epoch, start=offset) resumes
 """
 
-import argparse
 import bisect
 import functools
 import json
@@ -25,13 +24,14 @@ import re
 import sys
 import typing
 from collections import Counter
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+import cli
 import convert
 import model
 import pixels
@@ -48,7 +48,7 @@ class DataConfig:
     batch_size: int = 1  # rows per batch
     pack_window: int = 1024  # samples packed together at a time (best-fit decreasing inside a window)
     min_pixels: int | None = None  # image bounds; None = the model dir's preprocessor_config.json or family's
-    max_pixels: int | None = None
+    max_pixels: int | None = None  # None = the model dir's preprocessor_config.json or family's
     system_prompt: str | None = None  # None = the chat template's default (Qwen2.5-VL: one; Qwen3: none); "" = none
     think: bool | None = None  # <think> block on the last assistant turn; None = as the chat template does
 
@@ -365,20 +365,6 @@ def render(sample: Sample, chat: Chat, counts: list[int]) -> tuple[list[int], li
     return ids, labels
 
 
-def image_facts(path: Path) -> list:
-    """[file size, mtime_ns, height, width, problem] of an image after a full decode (problem "" when it is fine):
-    what the dataset check needs, cached by size and mtime so that a restart decodes nothing again."""
-    try:
-        st = path.stat()
-    except OSError:
-        return [-1, -1, 0, 0, "missing image"]
-    try:
-        img = pixels.load_image(path)
-        return [st.st_size, st.st_mtime_ns, img.height, img.width, ""]
-    except (ValueError, FileNotFoundError) as e:  # corrupt, truncated, not an image
-        return [st.st_size, st.st_mtime_ns, 0, 0, f"undecodable image: {e}"]
-
-
 def check_sample(sample: Sample, chat: Chat, max_length: int,
                  facts: dict[str, list] | None = None) -> tuple[Sample | None, list[Problem]]:
     """Render a sample with its images' sizes (`facts`: image_facts of each; None: decode them now): (the sample,
@@ -395,7 +381,7 @@ def check_sample(sample: Sample, chat: Chat, max_length: int,
     if sample.images and chat.image is None:
         bad("no vision tower", f"{len(sample.images)} image(s) but the model is a text-only LLM")
     for path in sample.images if chat.image else ():
-        *_, height, width, problem = facts[str(path)] if facts is not None else image_facts(path)
+        *_, height, width, problem = facts[str(path)] if facts is not None else pixels.image_facts(path)
         if problem:
             kind, _, detail = problem.partition(": ")
             bad(kind, detail or str(path))
@@ -415,61 +401,17 @@ def check_sample(sample: Sample, chat: Chat, max_length: int,
     return (None if out else replace(sample, tokens=len(ids), image_tokens=tuple(counts))), out
 
 
-def cache_file(sample: Sample) -> Path:
-    """Where the image facts of a sample's dataset file are cached: beside it."""
-    data_file = Path(sample.where.rsplit(":", 1)[0])
-    return data_file.with_name(data_file.name + ".images.json")
-
-
-def check_images(samples: list[Sample], num_workers: int, rank: int, world_size: int, gather) -> dict[str, list]:
-    """image_facts of every image of `samples`, from the caches beside the data where size and mtime still
-    match; the rest decoded, each rank its share (in `num_workers` processes), gathered, and the caches updated
-    by rank 0."""
-    caches = {}
-    for f in {cache_file(s) for s in samples if s.images}:
-        try:
-            caches[f] = json.loads(f.read_text()) if f.is_file() else {}
-        except ValueError:  # a damaged cache is only a slower start
-            caches[f] = {}
-    paths, facts = {}, {}
-    for s in samples:
-        for p in s.images:
-            paths.setdefault(str(p), cache_file(s))
-    for p, f in paths.items():
-        hit = caches[f].get(p)
-        try:
-            st = Path(p).stat()
-            if hit and hit[:2] == [st.st_size, st.st_mtime_ns]:
-                facts[p] = hit
-        except OSError:
-            pass
-    todo = sorted(set(paths) - set(facts))[rank::world_size]
-    if num_workers > 0 and len(todo) > 64:
-        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            new = dict(zip(todo, pool.map(image_facts, map(Path, todo), chunksize=64)))
-    else:
-        new = {p: image_facts(Path(p)) for p in todo}
-    for shard in gather(new) if world_size > 1 else [new]:
-        facts |= shard
-        if rank == 0:
-            for p, fact in shard.items():
-                caches[paths[p]][p] = fact
-    if rank == 0:
-        for f, cache in caches.items():
-            try:
-                tmp = f.with_name(f.name + ".tmp")
-                tmp.write_text(json.dumps(cache))
-                tmp.replace(f)
-            except OSError:  # a read-only dataset: no cache, the next start decodes again
-                pass
-    return facts
-
-
 _CHECKING = None  # (chat, max_length, facts) for check_dataset's forked workers
 
 
 def _check(sample):
     return check_sample(sample, *_CHECKING)
+
+
+def cache_file(sample: Sample) -> Path:
+    """Where the image facts of a sample's dataset file are cached: beside it."""
+    data_file = Path(sample.where.rsplit(":", 1)[0])
+    return data_file.with_name(data_file.name + ".images.json")
 
 
 def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig, num_workers: int = 0, rank: int = 0,
@@ -479,7 +421,8 @@ def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig, num_worker
     ranks: each decodes and renders its share, and gather (one rank's results -> every rank's, e.g. an
     all_gather) brings them together, in order, on every rank."""
     global _CHECKING
-    facts = check_images(samples, num_workers, rank, world_size, gather) if chat.image else {}
+    images = {str(p): cache_file(s) for s in samples for p in s.images}
+    facts = pixels.check_images(images, num_workers, rank, world_size, gather) if chat.image else {}
     _CHECKING = (chat, cfg.max_length, facts)
     mine = samples[rank::world_size]
     if num_workers > 0 and len(mine) > 256:
@@ -671,16 +614,12 @@ class Loader:
 def main(argv=None) -> int:
     """python data.py FILE... --model DIR [--data-root DIR] [...]: check a whole dataset, print a summary and every
     problem as file:line: reason; exit status 1 when there is any."""
-    p = argparse.ArgumentParser(description=main.__doc__)
+    p = cli.parser(DataConfig, main.__doc__)
     p.add_argument("files", nargs="+", help=".json (one array) or .jsonl (one sample a line); LLaVA or ms-swift")
     p.add_argument("--model", required=True, help="model dir: config.json, tokenizer files, chat template")
     p.add_argument("--num-workers", type=int, default=0, help="processes that decode images")
-    for f in fields(DataConfig):  # one flag per DataConfig field, bools as --x/--no-x
-        kind = next(t for t in typing.get_args(f.type) or (f.type,) if t is not type(None))
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default,
-                       **(dict(action=argparse.BooleanOptionalAction) if kind is bool else dict(type=kind)))
     args = p.parse_args(argv)
-    cfg = DataConfig(**{f.name: getattr(args, f.name) for f in fields(DataConfig)})
+    cfg = cli.settings(DataConfig, args, p)
     try:
         chat = load_chat(args.model, cfg)
     except (ValueError, FileNotFoundError) as e:

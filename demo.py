@@ -16,7 +16,6 @@ Out: the table of wall times and held-out accuracies, results.json, loss.png (ev
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
@@ -33,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+import cli
 import convert
 import eval as evaluate  # eval.py (the name `eval` is Python's builtin)
 import model as M
@@ -312,11 +312,7 @@ def draw_losses(runs: dict[str, Path], captions: dict[str, str], file: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(DemoConfig):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type == "bool" else dict(type=type(f.default))
-        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kind)
-    cfg = DemoConfig(**vars(p.parse_args(argv)))
+    cfg = cli.parse(DemoConfig, argv, __doc__)
     if cfg.quick:
         cfg = dataclasses.replace(cfg, n_train=48, n_heldout=6, vision_steps=3, llm_steps=3, stage1_steps=3,
                                   stage2_steps=3)

@@ -13,7 +13,6 @@ beside every number, and our more lenient readings are extra, named columns (REA
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import base64
 import csv
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import pixels
 import sample
@@ -41,9 +41,9 @@ class EvalConfig:
     model: str = ""  # HF-layout model dir (config.json, safetensors, tokenizer.json), e.g. train.py's --out
     data: list[str] = field(default_factory=list)  # .tsv (VLMEvalKit) and .jsonl (LLaVA / ms-swift) files
     data_root: str = ""  # relative image paths (jsonl, TSV image_path) are under it; "" = the data file's directory
-    out: str = "out/eval"
+    out: str = "out/eval"  # predictions (<data stem>.jsonl) and summary.json
     max_samples: int = 0  # per file; 0 = all
-    batch_size: int = 8
+    batch_size: int = 8  # prompts decoded together, left-padded
     max_new_tokens: int = 64  # answers are a letter or a short phrase; a longer one is cut here
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
     adapter: str = ""  # a PEFT LoRA adapter dir, merged into --model when loaded
@@ -52,14 +52,11 @@ class EvalConfig:
 
 
 def parse_args(argv=None) -> EvalConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(EvalConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(EvalConfig(), f.name)
-        if f.name == "data":
-            p.add_argument(flag, nargs="+", required=True)
-        else:
-            p.add_argument(flag, type={"int": int, "str": str}[f.type], default=default, required=f.name == "model")
-    return EvalConfig(**vars(p.parse_args(argv)))
+    p = cli.parser(EvalConfig, __doc__)
+    cfg = cli.settings(EvalConfig, p.parse_args(argv), p)
+    if not cfg.model or not cfg.data:
+        p.error("--model DIR and --data FILE... are required")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Videos (the second half of this file): video_config_from_dir, sample_frame_indic
 """
 import json
 import math
+import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,3 +354,62 @@ def video_tokens(num_frames: int, height: int, width: int, cfg: VideoConfig) -> 
     them (get_num_of_video_patches // merge_size^2); the prompt's timestamp and vision_start/end tokens aside."""
     h, w = video_resize(num_frames, height, width, cfg)
     return -(-num_frames // cfg.temporal_patch_size) * h * w // (cfg.patch_size * cfg.merge_size) ** 2
+
+
+# ---- the dataset check's image facts, decoded once and cached beside the data ----
+
+
+def image_facts(path: Path) -> list:
+    """[file size, mtime_ns, height, width, problem] of an image after a full decode (problem "" when it is fine):
+    what the dataset check needs, cached by size and mtime so that a restart decodes nothing again."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [-1, -1, 0, 0, "missing image"]
+    try:
+        img = load_image(path)
+        return [st.st_size, st.st_mtime_ns, img.height, img.width, ""]
+    except (ValueError, FileNotFoundError) as e:  # corrupt, truncated, not an image
+        return [st.st_size, st.st_mtime_ns, 0, 0, f"undecodable image: {e}"]
+
+
+def check_images(paths: dict[str, Path], num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 gather=None) -> dict[str, list]:
+    """image_facts of every image in `paths` (image -> its cache file, beside its dataset), from the caches where
+    size and mtime still match; the rest decoded, each rank its share (in `num_workers` processes), gathered
+    (gather: one rank's results -> every rank's), and the caches updated by rank 0."""
+    caches = {}
+    for f in set(paths.values()):
+        try:
+            caches[f] = json.loads(f.read_text()) if f.is_file() else {}
+        except ValueError:  # a damaged cache is only a slower start
+            caches[f] = {}
+    facts = {}
+    for p, f in paths.items():
+        hit = caches[f].get(p)
+        try:
+            st = Path(p).stat()
+            if hit and hit[:2] == [st.st_size, st.st_mtime_ns]:
+                facts[p] = hit
+        except OSError:
+            pass
+    todo = sorted(set(paths) - set(facts))[rank::world_size]
+    if num_workers > 0 and len(todo) > 64:
+        with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+            new = dict(zip(todo, pool.map(image_facts, map(Path, todo), chunksize=64)))
+    else:
+        new = {p: image_facts(Path(p)) for p in todo}
+    for shard in gather(new) if world_size > 1 else [new]:
+        facts |= shard
+        if rank == 0:
+            for p, fact in shard.items():
+                caches[paths[p]][p] = fact
+    if rank == 0:
+        for f, cache in caches.items():
+            try:
+                tmp = f.with_name(f.name + ".tmp")
+                tmp.write_text(json.dumps(cache))
+                tmp.replace(f)
+            except OSError:  # a read-only dataset: no cache, the next start decodes again
+                pass
+    return facts

@@ -53,11 +53,11 @@ class SampleConfig:
     prompt: str = ""  # "" = a chat in a terminal, else the prompt is read from stdin
     chat: bool = False  # a chat even when stdin is not a terminal (turns and /commands a line each)
     system: str = ""  # "" = the chat template's default (Qwen2.5-VL: "You are a helpful assistant."; Qwen3: none)
-    max_new_tokens: int = 512
+    max_new_tokens: int = 512  # the answer stops here at the latest
     temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this mass
     top_k: int = 0  # 0 = no top-k cut
-    seed: int = 0
+    seed: int = 0  # of the sampling (temperature > 0)
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
     adapter: str = ""  # a PEFT LoRA adapter dir (train.py --lora-rank's --out, or PEFT's), merged when loaded
     dtype: str = "bfloat16"  # or float32 (exactly transformers' greedy tokens)

@@ -130,13 +130,11 @@ import resource  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed._composable import checkpoint  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
                                                      set_model_state_dict)
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts  # noqa: E402
@@ -147,6 +145,7 @@ import data  # noqa: E402
 import flops  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
+import resume  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,134 +285,7 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# checkpoints: atomic (written to step_N.tmp, renamed when complete), resumable, the last K kept
-
-
-# Each rank writes its own shards of the trainable parameters and their AdamW state (frozen ones are in --model
-# already) to rank_R.safetensors, and its data position and random state to rank_R.json; rank 0 writes trainer.json
-# last, the manifest: step, scheduler, the settings that shape the data order, and every file's size and CRC-32.
-# No pickle anywhere: a checkpoint directory is data, never code. A checkpoint resumes on the world size it was
-# written with (the shards and the per-rank data offsets depend on it).
-RESUME_SETTINGS = ("stage", "batch_size", "grad_accum", "max_length", "pack", "pack_window", "seed", "data",
-                   "epochs", "lora_rank", "lora_targets", "lora_parts")
-
-
-def checkpoint_tensors(model, optimizer) -> dict[str, torch.Tensor]:
-    """This rank's shards: param.<name> and its optimizer state <name>.exp_avg / exp_avg_sq / step, trainable only
-    (a frozen lm_head tied to the embeddings is not listed by named_parameters, so never saved twice)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out[f"param.{name}"] = local(p)
-            for key, t in optimizer.state.get(p, {}).items():
-                out[f"optim.{name}.{key}"] = local(t)
-    return out
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def crc32(file: Path) -> int:
-    crc = 0
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def save_checkpoint(out: Path, step: int, position: tuple[int, int], model, optimizer, scheduler, cfg: TrainConfig,
-                    rank: int, world: int):
-    final, tmp = out / "checkpoints" / f"step_{step:08d}", out / "checkpoints" / f"step_{step:08d}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint_tensors(model, optimizer).items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, tmp / f"rank_{rank}.safetensors")
-    (tmp / f"rank_{rank}.json").write_text(json.dumps(dict(
-        data=list(position), numpy=[x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
-        python=[list(x) if isinstance(x, tuple) else x for x in random.getstate()])))
-    files = [None] * world
-    dist.all_gather_object(files, {f.name: [f.stat().st_size, crc32(f)] for f in tmp.glob(f"rank_{rank}.*")})
-    if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps(dict(
-            step=step, scheduler=scheduler.state_dict(), world_size=world,
-            settings={k: getattr(cfg, k) for k in RESUME_SETTINGS}, files={k: v for f in files for k, v in f.items()}),
-            indent=1))
-        shutil.rmtree(final, ignore_errors=True)  # a damaged one of this step, skipped by the resume
-        tmp.rename(final)  # the checkpoint exists only once it is whole
-        if cfg.keep_last:  # 0 keeps them all
-            for old in sorted(out.glob("checkpoints/step_????????"))[: -cfg.keep_last]:
-                shutil.rmtree(old)
-    dist.barrier()
-
-
-def damage(path: Path, rank: int, world: int, cfg: TrainConfig) -> str | None:
-    """What is wrong with checkpoint `path` for this run (None: it is whole), checked by every rank for its files."""
-    try:
-        trainer = json.loads((path / "trainer.json").read_text())
-        files = trainer["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{path / 'trainer.json'} is missing or not the manifest ({type(e).__name__}: {e})"
-    if trainer.get("world_size") != world:
-        return f"{path} was written by {trainer.get('world_size')} processes, this run has {world}"
-    changed = [k for k in RESUME_SETTINGS if trainer.get("settings", {}).get(k) != getattr(cfg, k)]
-    if changed:
-        k = changed[0]
-        return (f"{path} was written with --{k.replace('_', '-')} {trainer['settings'].get(k)!r}, this run has "
-                f"{getattr(cfg, k)!r}: the data order (or the parameters) would differ")
-    for name in (f"rank_{rank}.safetensors", f"rank_{rank}.json"):
-        f = path / name
-        if not f.is_file() or [f.stat().st_size, crc32(f)] != files.get(name):
-            return f"{f} is missing or damaged (size or CRC-32 differs from trainer.json)"
-    return None
-
-
-def load_checkpoint(out: Path, model, optimizer, scheduler, cfg: TrainConfig, rank: int,
-                    world: int) -> tuple[int, tuple[int, int]]:
-    """Restore the newest whole checkpoint (a damaged one is reported and the one before it tried); returns its
-    step and this rank's data position (epoch, offset); (0, (0, 0)) when there is none."""
-    for path in sorted(out.glob("checkpoints/step_????????"), reverse=True):
-        problems = [None] * world
-        dist.all_gather_object(problems, damage(path, rank, world, cfg))
-        if problem := next((p for p in problems if p), None):
-            if "data order" in problem or "processes" in problem:
-                raise SystemExit(f"error: --resume: {problem}; resume with the settings it was written with")
-            if rank == 0:
-                print(f"--resume: skipping {path.name}: {problem}")
-            continue
-        tensors = load_file(path / f"rank_{rank}.safetensors")
-        for name, p in model.named_parameters():  # AdamW's state exists only after a step: make it, then fill it
-            if p.requires_grad and f"optim.{name}.step" in tensors:
-                optimizer.state[p] = dict(step=torch.zeros(()), exp_avg=torch.zeros_like(p),
-                                          exp_avg_sq=torch.zeros_like(p))
-        want = checkpoint_tensors(model, optimizer).keys() | {k for k in tensors if k.startswith("rng.")}
-        if want != tensors.keys():
-            raise SystemExit(f"error: --resume: {path} holds other trainable parameters than this run (different "
-                             f"--stage, --train-* or --lora-* flags?): {sorted(want ^ tensors.keys())[:4]}")
-        with torch.no_grad():
-            for key, t in checkpoint_tensors(model, optimizer).items():
-                t.copy_(tensors[key])
-        trainer = json.loads((path / "trainer.json").read_text())
-        mine = json.loads((path / f"rank_{rank}.json").read_text())
-        scheduler.load_state_dict(trainer["scheduler"])
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # the lr of the step to come
-            group["lr"] = lr
-        torch.set_rng_state(tensors["rng.torch"])
-        if "rng.cuda" in tensors and torch.cuda.is_available():
-            torch.cuda.set_rng_state(tensors["rng.cuda"])
-        np.random.set_state((mine["numpy"][0], np.array(mine["numpy"][1], dtype=np.uint32), *mine["numpy"][2:]))
-        random.setstate((mine["python"][0], tuple(mine["python"][1]), mine["python"][2]))
-        if rank == 0:
-            print(f"resumed from {path} at step {trainer['step']} (epoch {mine['data'][0]}, sample {mine['data'][1]})")
-        return trainer["step"], tuple(mine["data"])
-    if rank == 0:
-        print(f"--resume: no complete checkpoint under {out / 'checkpoints'} yet: starting a fresh run")
-    return 0, (0, 0)
+# the output model (training checkpoints are resume.py's)
 
 
 def save_hf(out: Path, model, hf_config: dict, dtype: torch.dtype, cfg: TrainConfig, rank: int) -> None:
@@ -445,7 +317,7 @@ def clip_grad_norm(params: list, max_norm: float, device: torch.device) -> torch
     """clip_grad_norm_ with the sum of squares in float64: one process's sum and N ranks' partial sums of their
     shards then round to the same fp32 norm, so 1 and N processes clip by the same factor (fp32 partial sums
     differ in their last bits, and AdamW turns that into weights 4e-7 apart after 3 steps). Returns the norm."""
-    shards = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+    shards = [resume.local(p.grad) for p in params if p.grad is not None]
     total = torch.zeros((), dtype=torch.float64, device=device)
     for g in shards:
         total += g.double().pow(2).sum()
@@ -611,7 +483,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         betas=(0.9, 0.95), weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
-    step, position = load_checkpoint(out, model, optimizer, scheduler, cfg, rank, world) if cfg.resume else (0, (0, 0))
+    step, position = resume.load_checkpoint(out, model, optimizer, scheduler, cfg, rank, world) if cfg.resume \
+        else (0, (0, 0))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -662,7 +535,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
         if not (math.isfinite(loss) and math.isfinite(norm.item())):  # never step on (or save) a non-finite model
             optimizer.zero_grad(set_to_none=True)
             bad_steps += 1
-            broken = next((n for n, p in model.named_parameters() if not torch.isfinite(local(p)).all()), None)
+            broken = next((n for n, p in model.named_parameters() if not torch.isfinite(resume.local(p)).all()), None)
             what = (f"step {step + 1}: loss {loss}, gradient norm {norm.item()}"
                     + (f"; parameter {broken} is already not finite" if broken else ""))
             if bad_steps > cfg.max_bad_steps:
@@ -694,7 +567,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
                 log.write(json.dumps(row) + "\n")
                 log.flush()
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save_checkpoint(out, step, position, model, optimizer, scheduler, cfg, rank, world)
+            resume.save_checkpoint(out, step, position, model, optimizer, scheduler, cfg, rank, world)
     bar.close()
     save_hf(out, model, hf_config, stored_dtype, cfg, rank)
     if rank == 0:
