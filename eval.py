@@ -249,7 +249,8 @@ def predict(model, tokenizer, image_cfg, samples: list[Sample], cfg: EvalConfig,
                     grids.append(grid)
             ids, mask = sample.pad_left(rows, pad_id)
             pv, grid = (torch.cat(pixels), torch.cat(grids)) if pixels else (None, None)
-            out = sample.generate(model, ids, mask, pv, grid, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids)
+            out = sample.generate(model, ids, mask, pv, grid, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
+                                  compile=ids.device.type == "cuda" or next(model.parameters()).is_cuda)
             preds += [tokenizer.decode(o) for o in out]
             bar.update(len(rows))
     return preds

@@ -345,7 +345,7 @@ def main(cfg: TrainConfig) -> None:
         watch_parent()
     try:
         train(cfg, rank, world, device)
-    except (ValueError, FileNotFoundError) as e:  # what the user passed in: one line (DEBUG=1: the traceback)
+    except (ValueError, OSError) as e:  # what the user passed in, or a full disk: one line (DEBUG=1: the traceback)
         if os.environ.get("DEBUG"):
             raise
         raise SystemExit(f"error: {e}") from None

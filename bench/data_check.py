@@ -8,8 +8,6 @@ Prints seconds and images/s per case and the CPU it ran on.
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,15 +18,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import data  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from test_data import make_model_dir  # noqa: E402
-
-
-def cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def make(d: Path, n: int) -> Path:
@@ -51,8 +42,7 @@ def main():
     d = Path(args.dir)
     t0 = time.perf_counter()
     f = make(d, args.n)
-    print(f"{args.n} images of 64x48 in {d} ({time.perf_counter() - t0:.1f} s to make); CPU: {cpu()}, "
-          f"{os.cpu_count()} cores")
+    print(f"{args.n} images of 64x48 in {d} ({time.perf_counter() - t0:.1f} s to make); CPU: {cpu_model()}")
     chat = data.load_chat(make_model_dir(d / "model", "qwen3_vl", weights=False), data.DataConfig())
     samples, _ = data.load_samples([f])
     for workers in (0, os.cpu_count() - 1 or 1):

@@ -21,7 +21,6 @@ import argparse
 import functools
 import gc
 import json
-import math
 import os
 import sys
 import tempfile

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import convert  # noqa: E402
 import model as M  # noqa: E402
 import sample  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 QWEN3_06B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072,
                  num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
@@ -103,7 +104,7 @@ def main():
     cfg = ours.cfg.text
     print(f"model: Qwen3-0.6B shape ({cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
           f"{cfg.num_kv_heads} x {cfg.head_dim}, vocab {cfg.vocab_size}, tied), random {args.dtype} weights")
-    print(f"run: CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
+    print(f"run: CPU {cpu_model()}, transformers "
           f"{transformers.__version__}; batch 1, greedy, {args.new} new tokens, best of {args.repeats} "
           f"(ours and transformers interleaved); ours: {packed} Linears packed for oneDNN")
     for n_prompt in args.prompt:

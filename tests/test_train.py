@@ -330,13 +330,27 @@ def test_checkpoints_load_no_pickle_and_damage_falls_back(model_dir, tmp_path, c
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
-def test_resume_refuses_a_changed_data_setting(model_dir, tmp_path):
+def test_resume_refuses_each_changed_data_setting_by_name(model_dir, tmp_path):
     data = write_dataset(tmp_path / "d", 4)
     cfg = config(model_dir, data, tmp_path / "out", stage=1, max_steps=3, save_every=2)
     train.main(cfg)
-    with pytest.raises(SystemExit, match=r"step_00000002 was written with --grad-accum 1, this run has 2: the data "
-                                         r"order \(or the parameters\) would differ"):
-        train.main(dataclasses.replace(cfg, grad_accum=2, resume=True))
+    for change, said in [(dict(grad_accum=2), "--grad-accum 1, this run has 2"),
+                         (dict(batch_size=2), "--batch-size 1, this run has 2"),
+                         (dict(max_length=64), "--max-length 128, this run has 64"),
+                         (dict(pack=True), "--pack False, this run has True"),
+                         (dict(seed=1), "--seed 0, this run has 1"),
+                         (dict(stage=2), "--stage 1, this run has 2"),
+                         (dict(lora_rank=4), "--lora-rank 0, this run has 4")]:
+        with pytest.raises(SystemExit, match=rf"step_00000002 was written with {said}: the data order \(or the "
+                                             r"parameters\) would differ"):
+            train.main(dataclasses.replace(cfg, resume=True, **change))
+    two = tmp_path / "two"  # another world size: the shards and per-rank data offsets would not fit
+    shutil.copytree(tmp_path / "out" / "checkpoints", two / "checkpoints")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29600 + os.getpid() % 1000), str(ROOT / "train.py"),
+                        *cli(dataclasses.replace(cfg, out=str(two), resume=True))],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0 and "was written by 1 processes, this run has 2" in r.stderr, r.stderr[-2000:]
 
 
 def test_no_runtime_file_unpickles():
