@@ -307,6 +307,13 @@ def barrier(world: int) -> None:
         dist.barrier()
 
 
+def all_gather(obj) -> list:
+    """Every rank's `obj`, in rank order (the data check's shares)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(x)
@@ -433,13 +440,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> None
     dcfg = data.DataConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(data.DataConfig)})
     chat = data.load_chat(cfg.model, dcfg)
     samples, problems = data.load_samples(cfg.data, dcfg.data_root)
-    def gather(results: list) -> list[list]:
-        shards = [None] * world
-        dist.all_gather_object(shards, results)
-        return shards
-
     n_read = len(samples) + len({p.where for p in problems})
-    samples, summary, more = data.check_dataset(samples, chat, dcfg, workers, rank, world, gather)
+    samples, summary, more = data.check_dataset(samples, chat, dcfg, workers, rank, world, all_gather)
     problems += more
     if rank == 0:
         print(summary)
