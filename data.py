@@ -32,9 +32,9 @@ import torch
 from tokenizers import Tokenizer
 
 import cli
-import convert
 import model
 import pixels
+import weights
 
 
 # ---- the model dir's side: tokenizer, chat template, image settings ----
@@ -74,39 +74,15 @@ RESERVED = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "
             "<|video_pad|>", "<|vision_pad|>")
 
 
-def read_chat_template(path) -> str:
-    """The chat template of a model dir, where transformers looks: the processor's files, then the tokenizer's."""
-    d = Path(path)
-    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
-        f = d / name
-        if f.is_file():
-            t = f.read_text() if name.endswith(".jinja") else json.loads(f.read_text()).get("chat_template")
-            if isinstance(t, list):  # several named templates: the default one
-                t = next((x["template"] for x in t if x.get("name") == "default"), None)
-            if t:
-                return t
-    raise FileNotFoundError(f"{d}: no chat template in chat_template.jinja, chat_template.json or "
-                            f"tokenizer_config.json; copy the tokenizer files of the LLM this model was made from")
-
-
-def template_defaults(template: str) -> tuple[str, bool]:
-    """(default system prompt, think) as a Qwen chat template decides them, read off its text rather than run.
-    A literal `<|im_start|>system\\n...<|im_end|>` is the system turn it inserts when a conversation has none
-    (Qwen2.5-VL: "You are a helpful assistant."; Qwen3 and Qwen3-VL: none). `reasoning_content` marks the Qwen3
-    templates (hybrid and thinking) that render the last assistant turn with a <think> block, empty or not."""
-    m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}<>]+?)<\|im_end\|>", template)
-    return (m.group(1) if m else ""), "reasoning_content" in template
-
-
 def load_chat(path, cfg: DataConfig) -> Chat:
     """Read a model dir (config.json, tokenizer.json, chat template, preprocessor_config.json), cfg overriding."""
     d = Path(path)
     for name in ("config.json", "tokenizer.json"):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{d}: no {name}; --model must be a model directory")
-    mc = convert.read_model_config(d)[1]
+    mc = weights.read_model_config(d)[1]
     tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    system, think = template_defaults(read_chat_template(d))
+    system, think = weights.template_defaults(weights.read_chat_template(d))
 
     def text_of(token_id: int | None, default: str) -> str:  # the token config.json names, or Qwen's default
         t = default if token_id is None else tok.id_to_token(token_id)

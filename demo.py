@@ -39,6 +39,7 @@ import model as M
 import pixels
 import sample
 import train
+import weights
 from merger import PatchMerger
 
 
@@ -236,8 +237,8 @@ def make_donor(hf: dict, tok_dir: Path, out: Path, seed: int) -> None:
     and, for the VL one, the image preprocessing (64x64 pictures stay 64x64)."""
     model = M.VLM(M.config_from_hf(hf))
     init_weights(model, seed)
-    convert.save_state_dict(model.state_dict(), out, hf)
-    convert.copy_model_files(tok_dir, out)
+    weights.save_state_dict(model.state_dict(), out, hf)
+    weights.copy_model_files(tok_dir, out)
     eos = hf.get("text_config", hf)["eos_token_id"]
     (out / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[eos], do_sample=False)) + "\n")
     if "vision_config" in hf:

@@ -30,10 +30,10 @@ import torch
 from tqdm import tqdm
 
 import cli
-import data
 import pixels
 import sample
 import scores
+import weights
 
 
 @dataclass
@@ -268,12 +268,12 @@ def main(argv=None) -> dict:
         # every file is read first, so that a bad row stops the run before any generation
         datasets = {f: (read_tsv if f.endswith(".tsv") else read_jsonl)(f, cfg.max_samples, cfg.data_root)
                     for f in cfg.data}
-        model, tokenizer, image_cfg = sample.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
+        model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
         if cfg.max_pixels and image_cfg is not None:
             image_cfg = dataclasses.replace(image_cfg, max_pixels=cfg.max_pixels,
                                             min_pixels=min(image_cfg.min_pixels, cfg.max_pixels))
-        system = data.template_defaults(data.read_chat_template(cfg.model))[0]
-        stop_ids = sample.stop_token_ids(cfg.model)
+        system = weights.template_defaults(weights.read_chat_template(cfg.model))[0]
+        stop_ids = weights.stop_token_ids(cfg.model)
         out.mkdir(parents=True, exist_ok=True)
         summary = dict(config=dataclasses.asdict(cfg), results={})
         for f, samples in datasets.items():

@@ -3,7 +3,7 @@
 Read top to bottom: config -> norms and RoPE -> the one attention helper -> the KV cache -> the decoder blocks
 -> 3-D positions (rope_index) -> the VLM (vision features scattered into the text, deepstack) -> reading an HF
 config.json (the one place that knows its keys). Module names mirror the Hugging Face checkpoints
-(`model.layers.0.self_attn.q_proj`, `visual.blocks.0...`), so loading (convert.from_pretrained) is a short table of
+(`model.layers.0.self_attn.q_proj`, `visual.blocks.0...`), so loading (weights.from_pretrained) is a short table of
 prefix rules and no weight is permuted.
 """
 from __future__ import annotations

@@ -4,45 +4,39 @@ KV cache. Streams to the terminal, or is called as a library (eval.py batches pr
     python sample.py --model DIR --image x.jpg [--image y.jpg ...] --prompt "Describe the image."
     python sample.py --model DIR             # no --prompt: a multi-turn chat; `/image PATH` attaches an image
 
-The library, for eval.py and notebooks:
+The library, for eval.py and notebooks (the model dir itself is weights.py's: weights.load, stop_token_ids):
     generate(model, input_ids (B, T) left-padded, attention_mask (B, T) | None = None, pixel_values=None,
              image_grid_thw=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=(),
              seed=None, on_token=None, compile=False) -> list[list[int]]      # each row's new tokens, no stop id
-    stop_token_ids(model_dir) -> list[int]             # eos ids of generation_config.json and config.json
     build_prompt(tokenizer, messages, images=(), image_cfg=None)
         -> (ids: list[int], pixel_values (N, C*T*p*p) | None, image_grid_thw (n_images, 3) | None)
         messages: [{"role": "system" | "user" | "assistant",
                     "content": str | [{"type": "image"}, {"type": "text", "text": ...}, ...]}, ...]
-        images: PIL images, one per {"type": "image"} item, in order; image_cfg: load()'s
+        images: PIL images, one per {"type": "image"} item, in order; image_cfg: weights.load()'s
     pad_left(rows: list[list[int]], pad_id) -> (input_ids (B, T), attention_mask (B, T))
-    load(model_dir, device, dtype) -> (model, tokenizer, image_cfg | None)
 
 Numerics: with --dtype float32 the greedy tokens are transformers' generate(do_sample=False) tokens (tests/
 test_sample.py). bfloat16, the default and the checkpoints' own dtype, halves the weight bytes read per decoded
-token, which is what sets batch-1 decoding speed; on CPU load() also packs the decoder's bf16 weights in oneDNN's
-layout (PackedLinear: the same numbers; a Qwen3-0.6B-size decode step's matmuls take 21 ms instead of 63). The KV
-cache is in the model's dtype. Logits are sampled in fp32. bench/sample_speed.py measures it against transformers.
+token, which is what sets batch-1 decoding speed; on CPU weights.load also packs the decoder's bf16 weights in
+oneDNN's layout (PackedLinear: the same numbers). The KV cache is in the model's dtype. Logits are sampled in
+fp32. bench/sample_speed.py measures it against transformers.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn as nn
 from tokenizers import Tokenizer
 
 import cli
-import convert
-import data
-import lora
 import model as M
 import pixels
+import weights
 
 
 @dataclass
@@ -70,89 +64,12 @@ def parse_args(argv=None) -> SampleConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the model dir: weights, tokenizer, image settings, stop tokens
-
-
-def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16, adapter: str = ""):
-    """(model, tokenizer, image_cfg or None for a text-only LLM) from a model dir, a LoRA adapter merged in;
-    errors name what is missing."""
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model dir not found: {path}")
-    model = convert.from_pretrained(path, device=device, dtype=dtype)  # errors name the dir and what is wrong
-    if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (copy the tokenizer files of the base model here)")
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    image_cfg = None
-    if model.visual is not None:
-        image_cfg = pixels.image_config_from_dir(path, patch_size=model.cfg.vision.patch_size)
-        if tokenizer.token_to_id("<|image_pad|>") != model.cfg.image_token_id:
-            raise ValueError(f"{path}: config.json's image_token_id {model.cfg.image_token_id} is not "
-                             f"tokenizer.json's <|image_pad|> ({tokenizer.token_to_id('<|image_pad|>')})")
-    if adapter:  # plain Linears again (W + B A * scale), which pack_for_cpu can pack
-        lora.load_adapter(model, adapter)
-        lora.merge_lora(model)
-    pack_for_cpu(model)  # bf16 on CPU: the decoder's weights in oneDNN's layout, same numbers, faster decoding
-    return model, tokenizer, image_cfg
-
-
-class PackedLinear(nn.Module):
-    """nn.Linear for CPU inference with its bf16 weight in oneDNN's blocked layout: the same products bit for bit
-    (tests/test_sample.py), read ~3x faster for one token than by F.linear's row-major kernel (a Qwen3-0.6B-size
-    decode step's matmuls: 21 ms instead of 63 on this project's 2-core EPYC). No autograd: sampling only."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)  # 1: tuned for 1 row
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def pack_for_cpu(model: M.VLM) -> int:
-    """Swap the decoder's and lm_head's bf16 nn.Linears on CPU for PackedLinears, in place; the number swapped
-    (0 where oneDNN has no bf16 or the model is not bf16 on CPU: fp32 stays exactly transformers' numbers).
-    The vision tower is left alone: it runs once per prompt on many rows, where the layout gains nothing.
-    A tied lm_head gets its own packed copy (the embedding keeps the original for lookups)."""
-    w = model.lm_head.weight
-    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available() \
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return 0
-    swapped = 0
-    for parent in [model, *model.model.modules()]:
-        for name, child in parent.named_children():
-            if type(child) is nn.Linear and (parent is not model or name == "lm_head"):
-                setattr(parent, name, PackedLinear(child))
-                swapped += 1
-    # The tensors left (embeddings, norms, the tower) still live in the checkpoint's file mapping, which now also
-    # holds every page the packing read: owning copies of them lets the mapping go (0.6B: 2357 -> 1517 MiB).
-    with torch.no_grad():
-        for t in model.parameters():
-            t.data = t.data.clone()
-    return swapped
-
-
-def stop_token_ids(model_dir) -> list[int]:
-    """The end-of-sequence ids of generation_config.json and config.json (top level or text_config), in that
-    order, without repeats: Qwen's chat models end a turn with <|im_end|> and a document with <|endoftext|>."""
-    ids = []
-    for name in ("generation_config.json", "config.json"):
-        file = Path(model_dir) / name
-        if file.is_file():
-            cfg = json.loads(file.read_text())
-            for eos in (cfg.get("eos_token_id"), (cfg.get("text_config") or {}).get("eos_token_id")):
-                ids += [eos] if isinstance(eos, int) else list(eos or [])
-    return list(dict.fromkeys(ids))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # prompts: Qwen's ChatML, each image a <|vision_start|> <|image_pad|> x N <|vision_end|> block
 
 
 def render(messages: list[dict], add_generation_prompt: bool = True) -> str:
     """ChatML text of a conversation as Qwen's chat templates write it, with one <|image_pad|> per image item
-    (a default system prompt is the caller's: see data.template_defaults)."""
+    (a default system prompt is the caller's: see weights.template_defaults)."""
     text = ""
     for m in messages:
         content = m["content"]
@@ -430,14 +347,14 @@ def main(argv=None):
             if not (prompt := sys.stdin.read().strip()):
                 raise ValueError("no --prompt and nothing on stdin: give a prompt, or --chat")
             message = user_message(prompt, len(images))
-        model, tokenizer, image_cfg = load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
+        model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
         if cfg.image and image_cfg is None:
             raise ValueError(f"{cfg.model} is a text-only LLM (no vision tower): it cannot take --image")
         if cfg.max_pixels and image_cfg is not None:
             image_cfg = dataclasses.replace(image_cfg, max_pixels=cfg.max_pixels,
                                             min_pixels=min(image_cfg.min_pixels, cfg.max_pixels))
-        system = cfg.system or data.template_defaults(data.read_chat_template(cfg.model))[0]
-        stop_ids = stop_token_ids(cfg.model)
+        system = cfg.system or weights.template_defaults(weights.read_chat_template(cfg.model))[0]
+        stop_ids = weights.stop_token_ids(cfg.model)
         if not stop_ids:
             print(f"warning: {cfg.model} names no eos_token_id: every answer runs to --max-new-tokens",
                   file=sys.stderr)

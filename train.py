@@ -140,12 +140,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import convert  # noqa: E402
 import data  # noqa: E402
 import flops  # noqa: E402
 import lora  # noqa: E402
 import model as M  # noqa: E402
 import resume  # noqa: E402
+import weights  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,14 +210,14 @@ def load_model(cfg: TrainConfig, device: torch.device) -> tuple[M.VLM, dict, tor
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    hf_config, model_cfg = convert.read_model_config(Path(cfg.model))
+    hf_config, model_cfg = weights.read_model_config(Path(cfg.model))
     with torch.device("meta"):
         model = M.VLM(model_cfg)
     if (Path(cfg.model) / "adapter_config.json").is_file():
         raise SystemExit(f"error: {cfg.model} holds a LoRA adapter beside its weights: merge it first (python "
                          f"convert.py merge-lora --model {cfg.model} --adapter {cfg.model} --out DIR), then --model DIR")
     rank = dist.get_rank()
-    state = convert.load_state_dict(cfg.model, model) if rank == 0 else {}  # the checkpoint's names
+    state = weights.load_state_dict(cfg.model, model) if rank == 0 else {}  # the checkpoint's names
     stored = [state["model.embed_tokens.weight"].dtype if rank == 0 else None]
     dist.broadcast_object_list(stored, src=0)
     if (lcfg := lora_config(cfg)) is not None:  # on meta, before sharding: A and B shard with their layer
@@ -295,11 +295,11 @@ def save_hf(out: Path, model, hf_config: dict, dtype: torch.dtype, cfg: TrainCon
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         base, adapter = lora.split_state(state)
-        convert.save_state_dict({k: v.to(dtype) for k, v in base.items()}, out, hf_config,
+        weights.save_state_dict({k: v.to(dtype) for k, v in base.items()}, out, hf_config,
                                 max_shard_size=cfg.max_shard_size)
         if adapter:
             lora.save_adapter(model, lora_config(cfg), out, str(out.resolve()), state=adapter)
-        convert.copy_model_files(cfg.model, out)
+        weights.copy_model_files(cfg.model, out)
 
 
 def barrier(world: int) -> None:

@@ -37,7 +37,7 @@ for name, hf, template in (("donor", donor, QWEN25_VL), ("llm", llm, QWEN3)):
         m = M.VLM(M.config_from_hf(hf))
     state = {{k: (torch.randn(v.shape, generator=g) * 0.02).to(torch.bfloat16) for k, v in m.state_dict().items()
              if k != "lm_head.weight" or not hf["tie_word_embeddings"]}}
-    convert.save_state_dict(state, {out!r} + "/" + name, hf, max_shard_size="200MB")
+    weights.save_state_dict(state, {out!r} + "/" + name, hf, max_shard_size="200MB")
     make_tokenizer({out!r} + "/" + name, template)
 """
 
@@ -45,6 +45,7 @@ MEASURE = r"""
 import resource, sys, time
 sys.path.insert(0, {root!r})
 import convert
+import weights
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 base, t0 = rss_mb(), time.time()

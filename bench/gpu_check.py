@@ -7,7 +7,7 @@
   attention  attention.segment_attention with the kernel attention.kernel_for picks (flash-attn or PyTorch's varlen
              on CUDA, SDPA per segment on CPU), bf16, against a dense block-diagonal causal reference in fp32: max
              |diff| of the output and of the q, k, v gradients; GQA 32:8 heads of 128, 6 documents in 8192 tokens
-  fsdp       the loss of one packed batch from a plain bf16 model (convert.from_pretrained) and from
+  fsdp       the loss of one packed batch from a plain bf16 model (weights.from_pretrained) and from
              train.load_model's FSDP2 model on a one-rank mesh (fp32 master weights, bf16 compute): expected equal
   train      a stage-2 step (forward, backward, clip, AdamW) of a Qwen3-VL-2B vision tower + Qwen3-1.7B decoder
              on one packed 8192-token row with 4 images, per activation-checkpointing mode: tokens/s, MFU
@@ -35,11 +35,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import attention as A  # noqa: E402
-import convert  # noqa: E402
 import flops  # noqa: E402
 import model as M  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
+import weights  # noqa: E402
 
 IMAGE, START, END = 151655, 151652, 151653
 # Qwen3 decoders (config.json values, /work/shared/ARCHITECTURE.md): hidden, MLP, layers, heads, kv heads, tied
@@ -99,7 +99,7 @@ def random_model(cfg: M.ModelConfig, device) -> M.VLM:
     with torch.device("meta"):
         model = M.VLM(cfg)
     model.load_state_dict(random_state(cfg, device), strict=True, assign=True)
-    model.tie_weights()  # assign=True replaced the parameters: tie again (as convert.from_pretrained does)
+    model.tie_weights()  # assign=True replaced the parameters: tie again (as weights.from_pretrained does)
     return model.eval()
 
 
@@ -203,7 +203,7 @@ def check_fsdp(run: Run, ctx: dict) -> None:
     dev, batch = run.device, ctx["batch"]
     inputs = {k: batch[k].to(dev) for k in train.MODEL_INPUTS if batch.get(k) is not None}
     n_labels = int((batch["labels"][:, 1:] != -100).sum())
-    plain = convert.from_pretrained(ctx["dir"], device=dev, dtype=torch.bfloat16)
+    plain = weights.from_pretrained(ctx["dir"], device=dev, dtype=torch.bfloat16)
     with torch.no_grad():
         a = plain(**inputs, vision_always=True).item() / n_labels
     del plain
@@ -354,7 +354,7 @@ def main(argv=None) -> dict:
         ctx = {"dir": Path(args.dir or tmp.name), "hf_config": vlm_config(args.tiny)}
         if {"fsdp", "train"} & set(parts):  # the random VLM checkpoint both read (train.load_model wants a dir)
             cfg = M.config_from_hf(ctx["hf_config"])
-            convert.save_state_dict(random_state(cfg, device), ctx["dir"], ctx["hf_config"])
+            weights.save_state_dict(random_state(cfg, device), ctx["dir"], ctx["hf_config"])
             ctx["batch"] = packed_batch(cfg, 64 if args.tiny else 8192, 2 if args.tiny else 4, 4 if args.tiny else 32)
             run.report("part_setup_s", time.perf_counter() - run.part_start, "s")
         for part in parts:

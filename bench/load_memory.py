@@ -5,7 +5,6 @@ read once after loading (safetensors maps the file: untouched pages are not resi
     python bench/load_memory.py [--dir /tmp/qwen3_1gb]
 """
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ MAKE = r"""
 import json, sys, torch
 from safetensors.torch import save_file
 sys.path.insert(0, {root!r})
-import convert
 import model as M
 hf = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072,
           num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
@@ -60,7 +58,7 @@ def main():
     size_mb = (d / "model.safetensors").stat().st_size / 2**20
     print(f"checkpoint: {d} ({size_mb:.0f} MiB, bf16)")
     cases = {
-        "ours": ("import convert", f"convert.from_pretrained({str(d)!r})"),
+        "ours": ("import weights", f"weights.from_pretrained({str(d)!r})"),
         "transformers": ("import transformers",
                          f"transformers.AutoModelForCausalLM.from_pretrained({str(d)!r}, dtype=torch.bfloat16)"),
     }

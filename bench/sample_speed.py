@@ -13,7 +13,7 @@ Measured on the project's 2-core AMD EPYC (avx512_bf16), quiet machine, 64 new t
     2 threads: prompt 512: 29.95 vs 9.99 tokens/s = 3.00x; prompt 2048: 18.84 vs 6.19 = 3.04x; TTFT 1.04-1.05x
     1 thread:  prompt 512: 19.47 vs 7.05 tokens/s = 2.76x; prompt 2048: 12.40 vs 3.50 = 3.55x; TTFT 1.03-1.07x
     --dtype float32, 2 threads, prompt 512: 7.81 vs 7.44 = 1.05x, all 64 greedy tokens identical
-Batch-1 decoding reads every weight once per token (1.19 GB in bf16 here). Two things make ours faster: sample.load
+Batch-1 decoding reads every weight once per token (1.19 GB in bf16 here). Two things make ours faster: weights.load
 packs the decoder's bf16 weights in oneDNN's blocked layout (PackedLinear: a decode step's matmuls go from ~63 ms to
 ~21 ms, bit-identical logits), and a decode step's attention puts each kv head's query heads in the query rows (the
 same products per head) instead of SDPA's enable_gqa, which copies keys and values per query head and is ~10x slower
@@ -30,9 +30,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import convert  # noqa: E402
 import model as M  # noqa: E402
 import sample  # noqa: E402
+import weights  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
 QWEN3_06B = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=1024, intermediate_size=3072,
@@ -98,8 +98,8 @@ def main():
     d, dtype = Path(args.dir), getattr(torch, args.dtype)
     if not (d / "model.safetensors").is_file():
         make_checkpoint(d)
-    ours = convert.from_pretrained(d, dtype=dtype)
-    packed = sample.pack_for_cpu(ours)  # as sample.load does
+    ours = weights.from_pretrained(d, dtype=dtype)
+    packed = weights.pack_for_cpu(ours)  # as weights.load does
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
     cfg = ours.cfg.text
     print(f"model: Qwen3-0.6B shape ({cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"

@@ -58,10 +58,10 @@ def run(impl: str, path: Path, seq: int, steps: int, stage: int, lora_rank: int 
     torch.manual_seed(0)
     ids, labels, pv, grid = make_batch(seq)
     if impl.startswith("ours"):
-        import convert
         import lora
+        import weights
 
-        m = convert.from_pretrained(path, dtype=torch.float32)
+        m = weights.from_pretrained(path, dtype=torch.float32)
         if impl == "ours-lora":
             lora.apply_lora(m, lora.LoRAConfig(rank=lora_rank, alpha=2 * lora_rank))
             lora.init_lora(m, seed=0)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 import convert
 import model as M
 import pixels
+import weights
 from conftest import randomize
 from tiny_tokenizer import QWEN3, QWEN3_VL, QWEN25_VL, make_tokenizer
 
@@ -97,7 +98,7 @@ def assemble(vision, llm, out, **kw):
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for name, file in convert.checkpoint_files(path).items():
+    for name, file in weights.checkpoint_files(path).items():
         with safe_open(file, framework="pt") as f:
             out[name] = f.get_tensor(name)
     return out
@@ -154,7 +155,7 @@ def test_qwen25_vision_untied_qwen3(dirs, tmp_path, capsys):
     assert pixels.image_config_from_dir(out) == pixels.image_config_from_dir(dirs["qwen25"])
 
     # ours loads it; on text it is exactly the LLM (1-D positions = 3-D positions with equal rows)
-    ours, ids = convert.from_pretrained(out), torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(0))
+    ours, ids = weights.from_pretrained(out), torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(0))
     want = text_logits(dirs["hf_untied"], ids)
     assert (text_logits(ours, ids) - want).abs().max() < 1e-5
     # negative control: the second published recipe's bug, the template's rope_theta, shows in the logits
@@ -196,7 +197,7 @@ def test_qwen3vl_vision_tied_narrower_qwen3_copy(dirs, tmp_path):
     hf, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert hf.config.text_config.rope_parameters["rope_theta"] == 1e4 and hf.config.text_config.hidden_size == 48
-    ours, ids = convert.from_pretrained(out), [1, 2, 408] + [403] * 6 + [401, 5, 6]
+    ours, ids = weights.from_pretrained(out), [1, 2, 408] + [403] * 6 + [401, 5, 6]
     ids, grid = torch.tensor([ids]), torch.tensor([[1, 4, 6]])
     pv = torch.randn(24, 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -218,7 +219,7 @@ def test_qwen25_vision_qwen2_is_a_qwen2_5_vl_checkpoint(dirs, tmp_path):
     assert "visual.merger.mlp.2.weight" in origins and "model.layers.0.self_attn.q_proj.bias" in origins
     hf, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    ours, grid = convert.from_pretrained(out), torch.tensor([[1, 4, 6]])
+    ours, grid = weights.from_pretrained(out), torch.tensor([[1, 4, 6]])
     ids = torch.tensor([[1, 2, 408] + [403] * 6 + [401, 5, 6]])
     pv = torch.randn(24, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -278,7 +279,7 @@ def test_tied_llm_with_a_stored_lm_head(dirs, tmp_path):
     def with_head(dst, head):
         llm = shutil.copytree(dirs["tied"], dst)
         index = json.loads((llm / "model.safetensors.index.json").read_text())
-        convert.write_safetensors(llm / "head.safetensors", [convert.Item("lm_head.weight", tuple(head.shape),
+        weights.write_safetensors(llm / "head.safetensors", [weights.Item("lm_head.weight", tuple(head.shape),
                                                                           head.dtype, lambda: head)])
         index["weight_map"]["lm_head.weight"] = "head.safetensors"
         (llm / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -318,7 +319,7 @@ def test_errors(dirs, tmp_path):
         assemble(q3vl, tied, tmp_path / "full")
     assemble(q3vl, tied, tmp_path / "full", force=True)
     assert not (tmp_path / "full" / "model.safetensors.index.json").exists()
-    assert convert.from_pretrained(tmp_path / "full") is not None
+    assert weights.from_pretrained(tmp_path / "full") is not None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -340,9 +341,9 @@ def test_save_state_dict_writes_what_transformers_writes(kind, tmp_path):
     else:
         hf = tiny_vlm(kind)
         hf.save_pretrained(tmp_path / "hf")
-    ours = convert.from_pretrained(tmp_path / "hf")
+    ours = weights.from_pretrained(tmp_path / "hf")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    convert.save_state_dict(ours.state_dict(), tmp_path / "ours", hf_config, max_shard_size="50KB")
+    weights.save_state_dict(ours.state_dict(), tmp_path / "ours", hf_config, max_shard_size="50KB")
     want, got = read_all(tmp_path / "hf"), read_all(tmp_path / "ours")
     assert sorted(got) == sorted(want)  # the same names (old layout for Qwen2.5-VL; no tied lm_head)
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -359,20 +360,20 @@ def test_save_state_dict_is_strict_and_replaces_an_earlier_save(tmp_path):
     hf = tiny_vlm("qwen3_vl")
     hf.save_pretrained(tmp_path / "hf")
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    state = convert.from_pretrained(tmp_path / "hf").state_dict()
+    state = weights.from_pretrained(tmp_path / "hf").state_dict()
     bad = {k: v for k, v in state.items() if "q_norm" not in k} | {"visual.extra": torch.zeros(1)}
     bad["model.norm.weight"] = torch.ones(3)
     with pytest.raises(ValueError, match=r"(?s)missing model.layers.0.self_attn.q_norm.weight.*unexpected "
                                          r"visual.extra.*model.norm.weight: \(3,\) but the config makes \(64,\)"):
-        convert.save_state_dict(bad, tmp_path / "bad", hf_config)
-    convert.save_state_dict(state, tmp_path / "out", hf_config, max_shard_size="30KB")
+        weights.save_state_dict(bad, tmp_path / "bad", hf_config)
+    weights.save_state_dict(state, tmp_path / "out", hf_config, max_shard_size="30KB")
     shards = len(list((tmp_path / "out").glob("model-*.safetensors")))
-    convert.save_state_dict(state, tmp_path / "out", hf_config)  # one file now: the index and shards must go
+    weights.save_state_dict(state, tmp_path / "out", hf_config)  # one file now: the index and shards must go
     assert shards > 1 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
-    assert all(torch.equal(v, convert.from_pretrained(tmp_path / "out").state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(v, weights.from_pretrained(tmp_path / "out").state_dict()[k]) for k, v in state.items())
 
 
 def test_copy_model_files(dirs, tmp_path):
-    copied = convert.copy_model_files(dirs["qwen25"], tmp_path / "x")
+    copied = weights.copy_model_files(dirs["qwen25"], tmp_path / "x")
     assert copied == ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json"]
     assert all((tmp_path / "x" / n).read_bytes() == (dirs["qwen25"] / n).read_bytes() for n in copied)

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 import attention as A
-import convert
 import model as M
+import weights
 
 
 @pytest.fixture(scope="module")
 def qwen3(text_model_dir):
-    return convert.from_pretrained(text_model_dir("qwen3")[1])
+    return weights.from_pretrained(text_model_dir("qwen3")[1])
 
 
 def docs(seed: int, lengths=(7, 4, 7, 9)) -> list[torch.Tensor]:

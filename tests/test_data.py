@@ -14,10 +14,10 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer
 from transformers import AutoImageProcessor, AutoTokenizer
 
-import convert
 import data as D
 import pixels
 import tiny_tokenizer as T
+import weights
 from conftest import TEXT_CONFIGS, randomize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -153,9 +153,9 @@ def test_rendering_matches_processor_and_chat_template(family, name, model_dir, 
 
 
 def test_template_decides_system_prompt_and_think():
-    assert D.template_defaults(T.QWEN25_VL) == ("You are a helpful assistant.", False)
-    assert D.template_defaults(T.QWEN3_VL) == ("", False)
-    assert D.template_defaults(T.QWEN3) == ("", True)
+    assert weights.template_defaults(T.QWEN25_VL) == ("You are a helpful assistant.", False)
+    assert weights.template_defaults(T.QWEN3_VL) == ("", False)
+    assert weights.template_defaults(T.QWEN3) == ("", True)
 
 
 def learned_runs(chat: D.Chat, ex: D.Example) -> list[str]:
@@ -235,7 +235,7 @@ def loss_sum(net, batch: dict) -> torch.Tensor:
 def test_packed_loss_equals_unpacked(family, model_dir, images):
     d = model_dir(family)
     chat = D.load_chat(d, D.DataConfig())
-    net = convert.from_pretrained(d, dtype=torch.float64)
+    net = weights.from_pretrained(d, dtype=torch.float64)
     ex = [D.encode(sample(m, images[:n]), chat, 10_000) for m, n in SAMPLES.values()]
     with torch.no_grad():
         one = sum(loss_sum(net, D.collate([[e]], chat.pad_id, chat.mrope)) for e in ex)

@@ -4,9 +4,9 @@ lengths in the same cache bucket, and a static cache written in place (no cache-
 import torch
 from torch._dynamo.utils import counters
 
-import convert
 import model as M
 import sample as S
+import weights
 from test_sample import vl, vl_batch  # noqa: F401 (a fixture)
 
 
@@ -16,7 +16,7 @@ def compiles() -> int:
 
 def test_compiled_equals_eager_and_compiles_once_per_bucket(text_model_dir):
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     rows = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7, 1, 8]]
     ids, mask = S.pad_left(rows, pad_id=0)
     want = S.generate(ours, ids, mask, max_new_tokens=12)
@@ -42,7 +42,7 @@ def test_compiled_vl_decode_keeps_3d_positions_and_the_rope_delta(vl):
 
 def test_static_cache_is_written_in_place_without_cache_sized_allocations(text_model_dir):
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     cfg = ours.cfg.text
     cache = M.KVCache(cfg, 1, 4096, static=True)
     ptrs = [t.data_ptr() for t in cache.k + cache.v]

@@ -11,10 +11,10 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file
 
-import convert
 import data
 import pixels
 import sample
+import weights
 
 ROOT = Path(__file__).resolve().parents[1]
 EVALUATED = ["vision donor", "LLM donor (words)", "assembled", "stage 1", "stage 2"]
@@ -87,7 +87,7 @@ def test_donors_load_in_transformers_with_our_logits(demo):
                                             "Which colour do you see?"}]
     ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]])
     with torch.no_grad():
-        assert (convert.from_pretrained(out / "donor-llm")(ids) - hf.eval()(ids).logits).abs().max() < 1e-4
+        assert (weights.from_pretrained(out / "donor-llm")(ids) - hf.eval()(ids).logits).abs().max() < 1e-4
 
     hf, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out / "donor-vl", output_loading_info=True)
     assert not any(info.values()), info
@@ -103,7 +103,7 @@ def test_donors_load_in_transformers_with_our_logits(demo):
                                         pixels.image_config_from_dir(out / "donor-vl", 16))
     assert torch.equal(pv, hf_pixels["pixel_values"]) and ids.count(vl_config(out)["image_token_id"]) == 4
     inputs = dict(input_ids=torch.tensor([ids]), pixel_values=pv, image_grid_thw=grid)
-    ours, image_tokens = convert.from_pretrained(out / "donor-vl"), (inputs["input_ids"] == vl_config(out)["image_token_id"])
+    ours, image_tokens = weights.from_pretrained(out / "donor-vl"), (inputs["input_ids"] == vl_config(out)["image_token_id"])
     with torch.no_grad():
         want = hf.eval()(**inputs, mm_token_type_ids=image_tokens.int()).logits
         assert (ours(**inputs) - want).abs().max() < 1e-4

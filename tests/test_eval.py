@@ -8,6 +8,7 @@ import pytest
 import eval as E
 import pixels
 import scores
+import weights
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 OPTS = dict(A="cat", B="dog", C="bird", D="fish")
@@ -220,7 +221,6 @@ def test_prompt_ids_are_what_transformers_makes_of_the_row(model_dir, tmp_path, 
     from tokenizers import Tokenizer
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
 
-    import data
     import sample
     import tiny_tokenizer as T
 
@@ -235,7 +235,7 @@ def test_prompt_ids_are_what_transformers_makes_of_the_row(model_dir, tmp_path, 
             dict(role="assistant", content="red")])) + "\n")
         (s,) = E.read_jsonl(f)
     images = [E.open_image(x) for x in s.images]
-    system = data.template_defaults(data.read_chat_template(model_dir))[0]
+    system = weights.template_defaults(weights.read_chat_template(model_dir))[0]
     image_cfg = pixels.image_config_from_dir(model_dir, patch_size=14)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     ids, pv, grid = sample.build_prompt(tok, E.messages_of(s.turns, system), images, image_cfg)

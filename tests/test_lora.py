@@ -14,6 +14,7 @@ import convert
 import lora
 import model as M
 import test_vlm as V  # the tiny Qwen2.5-VL / Qwen3-VL configs and their image prompts
+import weights
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -45,7 +46,7 @@ def test_peft_adapter_into_ours(text_model_dir, tmp_path, rslora):
                                                                 use_rslora=rslora)).eval()
     randomize_lora(peft_lora(pm), seed=1)
     pm.save_pretrained(tmp_path)
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     cfg = lora.load_adapter(ours, tmp_path)
     assert (cfg.rank, cfg.alpha, cfg.use_rslora, set(cfg.targets)) == (4, 12, rslora, set(ALL))
     layer = ours.model.layers[0].self_attn.q_proj
@@ -64,7 +65,7 @@ def test_peft_adapter_into_ours(text_model_dir, tmp_path, rslora):
 
 def test_our_adapter_into_peft(text_model_dir, tmp_path):
     hf, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     cfg = lora.LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
     paths = lora.apply_lora(ours, cfg)
     assert len(paths) == 3 * 3 and paths[0] == "model.layers.0.self_attn.q_proj"
@@ -90,7 +91,7 @@ def test_our_adapter_into_peft(text_model_dir, tmp_path):
 def test_merge_and_merge_lora_dir(text_model_dir, tmp_path):
     """merged == unmerged, in memory and through merge_lora_dir -> save_state_dict -> transformers; tied head."""
     hf, path = text_model_dir("qwen3_tied")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     cfg = lora.LoRAConfig(rank=2, alpha=4, use_rslora=True)
     lora.apply_lora(ours, cfg)
     randomize_lora([p for n, p in ours.named_parameters() if "lora_" in n], seed=3)
@@ -100,7 +101,7 @@ def test_merge_and_merge_lora_dir(text_model_dir, tmp_path):
         unmerged = ours(ids)
         lora.merge_lora(ours)
         merged = ours(ids)
-    assert set(ours.state_dict()) == set(convert.from_pretrained(path).state_dict())  # the base names, nothing else
+    assert set(ours.state_dict()) == set(weights.from_pretrained(path).state_dict())  # the base names, nothing else
     convert.merge_lora_dir(path, tmp_path / "adapter", tmp_path / "merged")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_merge_and_merge_lora_dir(text_model_dir, tmp_path):
 
 def test_training_moves_only_lora(text_model_dir):
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     lora.apply_lora(ours, lora.LoRAConfig(rank=4, alpha=8, dropout=0.1))
     lora.init_lora(ours, seed=0)
     q = ours.model.layers[0].self_attn.q_proj
@@ -138,12 +139,12 @@ def test_meta_build_equals_cpu_build(text_model_dir):
     """The FSDP path: build on meta, apply LoRA, then load base + lora_init_state (or to_empty + init_lora)."""
     _, path = text_model_dir("qwen3")
     cfg = lora.LoRAConfig(rank=4, alpha=8)
-    ref = convert.from_pretrained(path)
+    ref = weights.from_pretrained(path)
     lora.apply_lora(ref, cfg)
     lora.init_lora(ref, seed=5)
     with torch.device("meta"):
         meta = M.VLM(ref.cfg)
-    state = convert.load_state_dict(path, meta)  # before apply_lora: the checkpoint's names
+    state = weights.load_state_dict(path, meta)  # before apply_lora: the checkpoint's names
     lora.apply_lora(meta, cfg)
     assert all(p.is_meta for n, p in meta.named_parameters() if "lora_" in n)
     meta.load_state_dict(state | lora.lora_init_state(meta, seed=5), strict=True, assign=True)
@@ -167,7 +168,7 @@ def test_strict_errors(text_model_dir, tmp_path):
     tensors[pre + "0.self_attn.q_norm.lora_A.weight"] = torch.zeros(4, 24)
     tensors[pre + "2.self_attn.q_proj.lora_A.weight"] = torch.zeros(3, 64)
     save_file(tensors, file)
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     with pytest.raises(ValueError) as e:
         lora.load_adapter(ours, tmp_path)
     msg = str(e.value)
@@ -199,7 +200,7 @@ def test_vl_adapter_both_ways(family, tmp_path):
     hf = V.randomize(cls(make_cfg(None)), seed=1).eval()
     hf.save_pretrained(tmp_path / "model")
     hf.double()
-    ours = convert.from_pretrained(tmp_path / "model", dtype=torch.float64)
+    ours = weights.from_pretrained(tmp_path / "model", dtype=torch.float64)
     cfg = lora.LoRAConfig(rank=4, alpha=8, targets=VL_TARGETS[family], parts=("llm", "vision"))
     paths = lora.apply_lora(ours, cfg)
     randomize_lora([p for n, p in ours.named_parameters() if "lora_" in n], seed=4)
@@ -214,7 +215,7 @@ def test_vl_adapter_both_ways(family, tmp_path):
         got, want = ours(ids, pixel_values=pv, image_grid_thw=grids), V.hf_forward(pm, ids, mask, pv, grids)
         base = V.hf_forward(hf, ids, mask, pv, grids)
     pm.save_pretrained(tmp_path / "peft")  # and back: PEFT's own file into a fresh model of ours
-    back = convert.from_pretrained(tmp_path / "model", dtype=torch.float64)
+    back = weights.from_pretrained(tmp_path / "model", dtype=torch.float64)
     assert lora.load_adapter(back, tmp_path / "peft").parts == ("llm", "vision")
     with torch.no_grad():
         again = back(ids, pixel_values=pv, image_grid_thw=grids)

@@ -13,12 +13,11 @@ import transformers
 from PIL import Image
 from tokenizers import Tokenizer
 
-import convert
-import data
 import pixels
 import sample as S
 import test_vlm as V  # the tiny Qwen2.5-VL / Qwen3-VL configs, their prompts with images
 import tiny_tokenizer as T
+import weights
 from conftest import TEXT_CONFIGS, randomize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +36,7 @@ def vl(request, tmp_path_factory):
     torch.manual_seed(0)
     hf = V.randomize(cls(cfg), seed=1).eval()
     hf.save_pretrained(out)
-    return hf, convert.from_pretrained(out)
+    return hf, weights.from_pretrained(out)
 
 
 def hf_generate(hf, ids, mask, pv=None, grids=None, n=N, eos=None) -> list[list[int]]:
@@ -86,7 +85,7 @@ def test_cached_decode_equals_recompute_padded_vl(vl):
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
 def test_greedy_equals_transformers_text_and_padded_batch(text_model_dir, kind):
     hf, path = text_model_dir(kind)
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, hf.config.vocab_size, (n,), generator=g).tolist() for n in (9, 4)]
     ids, mask = S.pad_left(rows, pad_id=0)
@@ -100,7 +99,7 @@ def test_greedy_equals_transformers_text_and_padded_batch(text_model_dir, kind):
 def test_negative_control_decoding_without_the_padding_mask_differs(text_model_dir, monkeypatch):
     """The batch comparison above can fail: decode steps that ignore the pads give a padded row other tokens."""
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     rows = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [2, 7, 1, 8]]
     ids, mask = S.pad_left(rows, pad_id=0)
     step = S.decode_step
@@ -111,7 +110,7 @@ def test_negative_control_decoding_without_the_padding_mask_differs(text_model_d
 
 def test_sampling_is_seeded_and_top_k_1_or_tiny_top_p_is_greedy(text_model_dir):
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(1))
     run = lambda **kw: S.generate(ours, ids, max_new_tokens=N, **kw)  # noqa: E731
     greedy = run()
@@ -137,7 +136,7 @@ def test_pick_top_k_and_top_p_keep_the_right_tokens():
 
 def test_stop_ids_cut_before_the_first_stop(text_model_dir):
     hf, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     ids, mask = S.pad_left([[5, 6, 7, 8, 9], [10, 11, 12]], pad_id=0)
     full = S.generate(ours, ids, mask, max_new_tokens=N)
     stop = full[0][4]
@@ -153,7 +152,7 @@ def test_stop_ids_cut_before_the_first_stop(text_model_dir):
 
 def test_context_overflow_is_an_error(text_model_dir):
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)  # max_position_embeddings 256
+    ours = weights.from_pretrained(path)  # max_position_embeddings 256
     with pytest.raises(ValueError, match=r"the prompt is 256 tokens .* context is 256"):
         S.generate(ours, torch.zeros(1, 256, dtype=torch.long), max_new_tokens=4)
     assert len(S.generate(ours, torch.zeros(1, 250, dtype=torch.long), max_new_tokens=40)[0]) == 6  # cut to fit
@@ -162,9 +161,9 @@ def test_context_overflow_is_an_error(text_model_dir):
 def test_stop_token_ids_read_generation_config_then_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(eos_token_id=5, text_config=dict(eos_token_id=7))))
     (tmp_path / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[7, 9])))
-    assert S.stop_token_ids(tmp_path) == [7, 9, 5]
+    assert weights.stop_token_ids(tmp_path) == [7, 9, 5]
     (tmp_path / "generation_config.json").unlink()
-    assert S.stop_token_ids(tmp_path) == [5, 7]
+    assert weights.stop_token_ids(tmp_path) == [5, 7]
 
 
 @pytest.mark.parametrize("template", ["QWEN25_VL", "QWEN3_VL", "QWEN3"])
@@ -218,14 +217,14 @@ def cli_dir(tmp_path_factory):
 
 def expected_answer(model_dir, prompt: str, images: list[str], n: int) -> str:
     """What the CLI should print: generate() on the same prompt, in-process, decoded."""
-    model, tok, image_cfg = S.load(model_dir, "cpu", torch.float32)
-    system = data.template_defaults(data.read_chat_template(model_dir))[0]
+    model, tok, image_cfg = weights.load(model_dir, "cpu", torch.float32)
+    system = weights.template_defaults(weights.read_chat_template(model_dir))[0]
     message, imgs = S.user_turn(prompt, images)
     ids, pv, grid = S.build_prompt(tok, [dict(role="system", content=system)] * bool(system) + [message], imgs,
                                    image_cfg)
     assert "You are a helpful assistant." in tok.decode(ids, skip_special_tokens=False) or not image_cfg
     out = S.generate(model, torch.tensor([ids]), None, pv, grid, max_new_tokens=n,
-                     stop_ids=S.stop_token_ids(model_dir))
+                     stop_ids=weights.stop_token_ids(model_dir))
     return tok.decode(out[0])
 
 
@@ -306,7 +305,7 @@ def test_compiled_decode_step_gives_the_same_tokens(text_model_dir):
     from torch._dynamo.utils import counters
 
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     ids = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(4))
     want = S.generate(ours, ids, max_new_tokens=N)
     torch._dynamo.reset()
@@ -328,33 +327,33 @@ def logits_and_tokens(model, ids, pv=None, grids=None):
 @pytest.mark.parametrize("kind", ["qwen3", "qwen2"])
 def test_packed_bf16_decoder_is_bit_identical(text_model_dir, kind):
     _, path = text_model_dir(kind)
-    plain, packed = convert.from_pretrained(path, dtype=torch.bfloat16), convert.from_pretrained(path, dtype=torch.bfloat16)
+    plain, packed = weights.from_pretrained(path, dtype=torch.bfloat16), weights.from_pretrained(path, dtype=torch.bfloat16)
     layers = packed.cfg.text.num_layers
-    assert S.pack_for_cpu(packed) == 7 * layers + 1  # q k v o gate up down per layer, and lm_head
+    assert weights.pack_for_cpu(packed) == 7 * layers + 1  # q k v o gate up down per layer, and lm_head
     assert not any(type(m) is torch.nn.Linear for m in packed.modules())
     ids = torch.randint(0, 200, (2, 11), generator=torch.Generator().manual_seed(6))
     (a, toks_a), (b, toks_b) = logits_and_tokens(plain, ids), logits_and_tokens(packed, ids)
     assert torch.equal(a, b) and toks_a == toks_b
     # negative control: the comparison sees one row of one weight moved to its next bf16 numbers
-    nudged = convert.from_pretrained(path, dtype=torch.bfloat16)
+    nudged = weights.from_pretrained(path, dtype=torch.bfloat16)
     with torch.no_grad():
         nudged.model.layers[0].mlp.down_proj.weight.view(torch.int16)[0] += 1
-    S.pack_for_cpu(nudged)
+    weights.pack_for_cpu(nudged)
     assert not torch.equal(logits_and_tokens(nudged, ids)[0], b)
-    assert S.pack_for_cpu(convert.from_pretrained(path)) == 0  # fp32 keeps F.linear: transformers' exact numbers
+    assert weights.pack_for_cpu(weights.from_pretrained(path)) == 0  # fp32 keeps F.linear: transformers' exact numbers
 
 
 def test_no_onednn_means_no_packing(text_model_dir, monkeypatch):
     _, path = text_model_dir("qwen3")
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    model = convert.from_pretrained(path, dtype=torch.bfloat16)
-    assert S.pack_for_cpu(model) == 0 and type(model.lm_head) is torch.nn.Linear
+    model = weights.from_pretrained(path, dtype=torch.bfloat16)
+    assert weights.pack_for_cpu(model) == 0 and type(model.lm_head) is torch.nn.Linear
 
 
 def test_load_packs_a_vl_model_and_its_images_give_the_same_answer(cli_dir):
-    model, tok, image_cfg = S.load(cli_dir, "cpu", torch.bfloat16)
-    plain = convert.from_pretrained(cli_dir, dtype=torch.bfloat16)
-    assert isinstance(model.lm_head, S.PackedLinear) and isinstance(model.model.layers[0].mlp.up_proj, S.PackedLinear)
+    model, tok, image_cfg = weights.load(cli_dir, "cpu", torch.bfloat16)
+    plain = weights.from_pretrained(cli_dir, dtype=torch.bfloat16)
+    assert isinstance(model.lm_head, weights.PackedLinear) and isinstance(model.model.layers[0].mlp.up_proj, weights.PackedLinear)
     assert type(model.visual.blocks[0].mlp.up_proj) is torch.nn.Linear  # the tower runs once per prompt: as loaded
     message, imgs = S.user_turn("Describe the image.", [cli_dir / "small.png"])
     ids, pv, grid = S.build_prompt(tok, [message], imgs, image_cfg)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import convert
 import model as M
+import weights
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["qwen3", "qwen3_tied", "qwen2"]
@@ -39,7 +39,7 @@ def test_logits_match_transformers(text_model_dir, kind, shard):
     hf, path = text_model_dir(kind, shard)
     if shard:
         assert (path / "model.safetensors.index.json").is_file()
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     ids, mask, positions = padded_batch(hf.config.vocab_size)
     with torch.no_grad():
         got = ours(ids, attention_mask=mask)  # our default positions are pad-aware: no position_ids passed
@@ -53,7 +53,7 @@ def test_logits_match_transformers(text_model_dir, kind, shard):
 @pytest.mark.parametrize("kind", KINDS)
 def test_unpadded_batch_uses_causal_path(text_model_dir, kind):
     hf, path = text_model_dir(kind)
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     ids = torch.randint(0, hf.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         err = (ours(ids) - hf(input_ids=ids).logits).abs().max().item()
@@ -64,14 +64,14 @@ def test_wrong_mapping_fails_comparison(text_model_dir, monkeypatch):
     """Negative control: a name map that swaps q_norm and k_norm loads without complaint (same shapes) but
     must give logits the comparison rejects."""
     hf, path = text_model_dir("qwen3")
-    good = convert.our_name
+    good = weights.our_name
 
     def swapped(name):
         name = good(name)
         return name.replace("q_norm", "@").replace("k_norm", "q_norm").replace("@", "k_norm")
 
-    monkeypatch.setattr(convert, "our_name", swapped)
-    ours = convert.from_pretrained(path)
+    monkeypatch.setattr(weights, "our_name", swapped)
+    ours = weights.from_pretrained(path)
     ids, mask, positions = padded_batch(hf.config.vocab_size)
     with torch.no_grad():
         err = (ours(ids, attention_mask=mask) - hf_logits(hf, ids, mask, positions))[mask.bool()].abs().max()
@@ -83,7 +83,7 @@ def test_cached_decode_equals_recompute(text_model_dir, kind):
     """Greedy decoding with the KV cache (prefill, then one token at a time) gives the tokens and logits of
     recomputing the whole sequence each step; a left-padded batch of two."""
     _, path = text_model_dir(kind)
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     cfg = ours.cfg.text
     ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
@@ -106,7 +106,7 @@ def test_cached_decode_equals_recompute(text_model_dir, kind):
 def test_cache_continuation_in_chunks(text_model_dir):
     """Chunks of several tokens at any offset: causality is aligned bottom-right."""
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     ids = torch.randint(0, ours.cfg.text.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = ours(ids)
@@ -118,7 +118,7 @@ def test_cache_continuation_in_chunks(text_model_dir):
 def test_packed_documents_equal_separate_forwards(text_model_dir):
     """Two documents packed into one row with doc_ids and restarting positions give each document's own logits."""
     _, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path)
+    ours = weights.from_pretrained(path)
     g = torch.Generator().manual_seed(4)
     a, b = torch.randint(0, 211, (1, 6), generator=g), torch.randint(0, 211, (1, 9), generator=g)
     packed = torch.cat([a, b], dim=1)
@@ -136,17 +136,17 @@ def test_tied_with_and_without_stored_lm_head(text_model_dir, tmp_path):
     hf, path = text_model_dir("qwen3_tied")
     stored = load_file(path / "model.safetensors")
     assert "lm_head.weight" not in stored  # transformers omits the tied copy
-    ref = convert.from_pretrained(path)
+    ref = weights.from_pretrained(path)
     ids = torch.randint(0, 173, (1, 5))
     # a checkpoint that also stores lm_head.weight (as some Qwen3 repos do) loads to the same model
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     save_file({**stored, "lm_head.weight": stored["model.embed_tokens.weight"].clone()}, tmp_path / "model.safetensors")
     with torch.no_grad():
-        assert torch.equal(convert.from_pretrained(tmp_path)(ids), ref(ids))
+        assert torch.equal(weights.from_pretrained(tmp_path)(ids), ref(ids))
     # ... but a stored lm_head that differs from the embeddings would be silently lost: refuse
     save_file({**stored, "lm_head.weight": torch.randn_like(stored["model.embed_tokens.weight"])}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="differs from embed_tokens"):
-        convert.from_pretrained(tmp_path)
+        weights.from_pretrained(tmp_path)
     assert ref.lm_head.weight is ref.model.embed_tokens.weight
 
 
@@ -159,7 +159,7 @@ def test_missing_extra_and_misshaped_tensors_named_in_one_error(text_model_dir, 
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     save_file(stored, tmp_path / "model.safetensors")
     with pytest.raises(ValueError) as e:
-        convert.from_pretrained(tmp_path)
+        weights.from_pretrained(tmp_path)
     msg = str(e.value)
     assert "1 missing" in msg and "model.layers.1.self_attn.k_norm.weight" in msg
     assert "1 unexpected" in msg and "model.layers.1.self_attn.extra.weight" in msg
@@ -178,7 +178,7 @@ def test_config_reads_head_dim_and_biases(text_model_dir):
 def test_bf16_load_and_rope_stays_fp32(text_model_dir):
     """dtype=bfloat16 converts floating tensors on load; RoPE frequencies are still computed in fp32."""
     hf, path = text_model_dir("qwen3")
-    ours = convert.from_pretrained(path, dtype=torch.bfloat16)
+    ours = weights.from_pretrained(path, dtype=torch.bfloat16)
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     assert M.rope_inv_freq(1e6, 24, torch.device("cpu")).dtype == torch.float32
     ids = torch.randint(0, 211, (1, 9))
@@ -204,7 +204,7 @@ def test_absurd_config_values_are_one_error_before_anything_is_built(text_model_
     cfg = {k: v for k, v in cfg.items() if v is not None}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=rf"{tmp_path}: not a Qwen model dir: .*{re.escape(message)}"):
-        convert.from_pretrained(tmp_path)
+        weights.from_pretrained(tmp_path)
 
 
 def test_vision_patch_size_zero_is_refused():
@@ -222,14 +222,14 @@ def test_loader_names_wrong_dtypes_and_check_names_non_finite_tensors(text_model
     bad["model.layers.0.input_layernorm.weight"] = state["model.layers.0.input_layernorm.weight"].long()
     save_file(bad, tmp_path / "model.safetensors")
     with pytest.raises(ValueError) as e:
-        convert.from_pretrained(tmp_path)
+        weights.from_pretrained(tmp_path)
     assert "model.norm.weight: torch.float16, but config.json declares torch.float32" in str(e.value)
     assert "model.layers.0.input_layernorm.weight: torch.int64 where the model has a float parameter" in str(e.value)
     nan = dict(state)
     nan["model.layers.1.mlp.up_proj.weight"] = state["model.layers.1.mlp.up_proj.weight"].clone()
     nan["model.layers.1.mlp.up_proj.weight"][3, 4] = float("nan")
     save_file(nan, tmp_path / "model.safetensors")
-    assert convert.from_pretrained(tmp_path) is not None  # the plain load reads no values (it maps the file)
+    assert weights.from_pretrained(tmp_path) is not None  # the plain load reads no values (it maps the file)
     r = subprocess.run([sys.executable, str(ROOT / "convert.py"), "check", "--model", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "model.layers.1.mlp.up_proj.weight: holds NaN or infinite values" in r.stderr

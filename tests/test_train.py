@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from cli import comments
-import convert
 import model as M
 import train
+import weights
 from test_data import make_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_stage1_trains_only_the_mergers(model_dir, tmp_path):
     state_keys = [k for k in keys if k.startswith(("optim.", "param."))]
     assert state_keys and all("merger" in k for k in state_keys), [k for k in state_keys if "merger" not in k][:3]
     # and the output directory is a model dir our loader reads
-    assert isinstance(convert.from_pretrained(tmp_path / "out"), M.VLM)
+    assert isinstance(weights.from_pretrained(tmp_path / "out"), M.VLM)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -260,8 +260,7 @@ def test_help_is_fast_and_shows_every_flag_with_help_and_default():
 def test_lora_stage2_fsdp_resume_and_the_adapter_files(model_dir, tmp_path):
     """LoRA on the LLM, the merger trained in full, vision frozen: 2 ranks == 1 process, resumed == uninterrupted,
     only the adapters and the merger change, and --out holds the base beside a PEFT adapter that
-    sample.load(--adapter) merges."""
-    import sample
+    weights.load(--adapter) merges."""
     data = write_dataset(tmp_path / "d", 8)
     kw = dict(stage=2, max_steps=4, train_vision=False, lora_rank=4, lora_alpha=8, lr=1e-2)
     one = config(model_dir, data, tmp_path / "one", grad_accum=2, save_every=2, keep_last=0, **kw)
@@ -285,8 +284,8 @@ def test_lora_stage2_fsdp_resume_and_the_adapter_files(model_dir, tmp_path):
     assert all(torch.equal(adapter[k], load_file(tmp_path / "two" / "adapter_model.safetensors")[k]) for k in adapter)
     assert json.loads((tmp_path / "one" / "adapter_config.json").read_text())["r"] == 4
     ids = torch.tensor([[1, 2, 3, 4, 5]])
-    merged, _, _ = sample.load(tmp_path / "one", dtype=torch.float32, adapter=str(tmp_path / "one"))
-    base, _, _ = sample.load(tmp_path / "one", dtype=torch.float32)
+    merged, _, _ = weights.load(tmp_path / "one", dtype=torch.float32, adapter=str(tmp_path / "one"))
+    base, _, _ = weights.load(tmp_path / "one", dtype=torch.float32)
     with torch.no_grad():
         assert (merged(ids) - base(ids)).abs().max() > 1e-4  # the adapter does something
     with pytest.raises(SystemExit, match="holds a LoRA adapter beside its weights: merge it first"):

@@ -24,9 +24,9 @@ import transformers
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
-import convert
 import model as M
 import pixels
+import weights
 from test_vlm import END, FAMILIES, IMAGE, START, VIDEO, randomize
 
 SPECIAL = {"<|vision_start|>": START, "<|vision_end|>": END, "<|image_pad|>": IMAGE, "<|video_pad|>": VIDEO,
@@ -53,7 +53,7 @@ def pair(request, tmp_path_factory):
     vcfg = pixels.video_config_from_dir(out / "none", patch_size=p)  # the class defaults, smaller frames
     f = (p * 2) ** 2
     vcfg = dataclasses.replace(vcfg, min_pixels=4 * f, max_pixels=(12 if p == 14 else 32) * f)
-    return request.param, hf, convert.from_pretrained(out), vcfg
+    return request.param, hf, weights.from_pretrained(out), vcfg
 
 
 def tokenize(text: str) -> list[int]:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-import convert
 import model as M
+import weights
 
 VOCAB = 256
 IMAGE, START, END, VIDEO = 250, 251, 252, 253  # tiny-vocabulary ids: nothing depends on Qwen's real ids
@@ -64,7 +64,7 @@ def pair(request, tmp_path_factory):
     torch.manual_seed(0)
     hf = randomize(cls(make_cfg(out)), seed=1).eval()
     hf.save_pretrained(out, max_shard_size="200KB")
-    return hf, convert.from_pretrained(out)
+    return hf, weights.from_pretrained(out)
 
 
 GRIDS = [(1, 4, 6), (1, 8, 4), (1, 6, 10)]  # patch units: non-square, different sizes, crossing windows
