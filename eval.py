@@ -24,6 +24,7 @@ import string
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -47,8 +48,13 @@ class EvalConfig:
     max_new_tokens: int = 64  # answers are a letter or a short phrase; a longer one is cut here
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
     adapter: str = ""  # a PEFT LoRA adapter dir, merged into --model when loaded
-    dtype: str = "bfloat16"  # or float32
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
     device: str = ""  # "" = cuda if available, else cpu
+
+    def __post_init__(self):
+        for name, least in (("batch_size", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_pixels", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
 
 
 def parse_args(argv=None) -> EvalConfig:

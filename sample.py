@@ -28,7 +28,7 @@ import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -54,9 +54,18 @@ class SampleConfig:
     seed: int = 0  # of the sampling (temperature > 0)
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
     adapter: str = ""  # a PEFT LoRA adapter dir (train.py --lora-rank's --out, or PEFT's), merged when loaded
-    dtype: str = "bfloat16"  # or float32 (exactly transformers' greedy tokens)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # float32: exactly transformers' greedy tokens
     device: str = ""  # "" = cuda if available, else cpu
     compile: bool = True  # torch.compile the decode step (CUDA only; on CPU the step is bound by weight reads)
+
+    def __post_init__(self):
+        for flag, ok, want in (("max-new-tokens", self.max_new_tokens >= 1, "at least 1"),
+                               ("temperature", self.temperature >= 0, "0 or more"),
+                               ("top-k", self.top_k >= 0, "0 or more"),
+                               ("top-p", 0 < self.top_p <= 1, "within (0, 1]"),
+                               ("max-pixels", self.max_pixels >= 0, "0 or more")):
+            if not ok:
+                raise ValueError(f"--{flag} {getattr(self, flag.replace('-', '_'))}: must be {want}")
 
 
 def parse_args(argv=None) -> SampleConfig:

@@ -360,3 +360,13 @@ def test_load_packs_a_vl_model_and_its_images_give_the_same_answer(cli_dir):
     ids = torch.tensor([ids])
     (a, toks_a), (b, toks_b) = logits_and_tokens(plain, ids, pv, grid), logits_and_tokens(model, ids, pv, grid)
     assert torch.equal(a, b) and toks_a == toks_b
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-p", "0"], "--top-p 0.0: must be within (0, 1]"), (["--max-new-tokens", "0"], "must be at least 1"),
+    (["--temperature", "-1"], "--temperature -1.0: must be 0 or more"), (["--dtype", "float16"], "invalid choice"),
+])
+def test_sample_flags_are_checked_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        S.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
