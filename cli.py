@@ -8,7 +8,8 @@ makes `--lr-vision` of `lr_vision: float | None = None  # per-part learning rate
 --x / --no-x, lists one or more values (the flag repeated, or several after it), `Literal[...]` a choice, and a
 comment line `# -- data` inside the class starts a group of flags in --help. A field without a default is a
 required flag. A settings class may check its values in __post_init__: a ValueError there becomes a one-line
-usage error (exit status 2), before anything else runs. This file imports nothing heavy, so a script that parses before importing torch answers --help at once.
+usage error (exit status 2), before anything else runs. This file imports nothing heavy, so a script that parses
+before importing torch answers --help at once.
 """
 import argparse
 import dataclasses
