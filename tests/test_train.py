@@ -398,3 +398,14 @@ def test_log_has_tokens_per_s_and_the_vlm_flop_counters_mfu(model_dir, tmp_path)
     (row,) = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1
     assert flops.peak_flops("NVIDIA H100 PCIe") == 756e12 and flops.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+
+
+def test_lora_under_activation_checkpointing_gives_the_same_losses(model_dir, tmp_path):
+    data = write_dataset(tmp_path / "d", 4)
+    kw = dict(stage=2, max_steps=2, train_vision=False, lora_rank=4, lora_alpha=8, lr=1e-2)
+    runs = {}
+    for ac in ("none", "selective", "full"):
+        train.main(config(model_dir, data, tmp_path / ac, activation_checkpointing=ac, **kw))
+        runs[ac] = losses(tmp_path / ac), load_file(tmp_path / ac / "adapter_model.safetensors")
+    for ac in ("selective", "full"):
+        assert runs[ac][0] == runs["none"][0] and all(torch.equal(v, runs["none"][1][k]) for k, v in runs[ac][1].items())
