@@ -77,6 +77,16 @@ def add_flags(p: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     return p
 
 
+def at_least(settings, low: float, *names: str, strict: bool = False) -> None:
+    """For a settings class's __post_init__: each named field (None skipped) >= low (> low with strict), or a
+    ValueError naming its flag."""
+    for name in names:
+        v = getattr(settings, name)
+        if v is not None and (v <= low if strict else v < low):
+            want = f"above {low}" if strict else "0 or more" if low == 0 else f"at least {low}"
+            raise ValueError(f"--{name.replace('_', '-')} {v}: must be {want}")
+
+
 def settings(cls, parsed: argparse.Namespace, p: argparse.ArgumentParser):
     """The dataclass from parsed flags; its own checks (__post_init__) fail as usage errors."""
     try:

@@ -174,10 +174,9 @@ def read_records(path: Path) -> tuple[list[tuple[str, object]], list[Problem]]:
             try:
                 if line.strip():
                     records.append((f"{path}:{n}", DECODER.decode(line)))
-            except json.JSONDecodeError as e:
-                problems.append(Problem(f"{path}:{n}", "bad JSON", f"{e.msg} (column {e.colno})"))
-            except ValueError as e:  # strict_object, no_constant
-                problems.append(Problem(f"{path}:{n}", "bad JSON", str(e)))
+            except ValueError as e:  # a JSONDecodeError, or strict_object's / no_constant's
+                detail = f"{e.msg} (column {e.colno})" if isinstance(e, json.JSONDecodeError) else str(e)
+                problems.append(Problem(f"{path}:{n}", "bad JSON", detail))
         return records, problems
     # walk the array value by value, so that each sample is named by the line it starts on
     ws, line, counted = re.compile(r"\s*"), 1, 0

@@ -52,9 +52,8 @@ class EvalConfig:
     device: str = ""  # "" = cuda if available, else cpu
 
     def __post_init__(self):
-        for name, least in (("batch_size", 1), ("max_new_tokens", 1), ("max_samples", 0), ("max_pixels", 0)):
-            if getattr(self, name) < least:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {least}")
+        cli.at_least(self, 1, "batch_size", "max_new_tokens")
+        cli.at_least(self, 0, "max_samples", "max_pixels")
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -274,10 +273,8 @@ def main(argv=None) -> dict:
         # every file is read first, so that a bad row stops the run before any generation
         datasets = {f: (read_tsv if f.endswith(".tsv") else read_jsonl)(f, cfg.max_samples, cfg.data_root)
                     for f in cfg.data}
-        model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
-        if cfg.max_pixels and image_cfg is not None:
-            image_cfg = dataclasses.replace(image_cfg, max_pixels=cfg.max_pixels,
-                                            min_pixels=min(image_cfg.min_pixels, cfg.max_pixels))
+        model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter,
+                                                   cfg.max_pixels)
         system = weights.template_defaults(weights.read_chat_template(cfg.model))[0]
         stop_ids = weights.stop_token_ids(cfg.model)
         out.mkdir(parents=True, exist_ok=True)

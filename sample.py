@@ -59,13 +59,10 @@ class SampleConfig:
     compile: bool = True  # torch.compile the decode step (CUDA only; on CPU the step is bound by weight reads)
 
     def __post_init__(self):
-        for flag, ok, want in (("max-new-tokens", self.max_new_tokens >= 1, "at least 1"),
-                               ("temperature", self.temperature >= 0, "0 or more"),
-                               ("top-k", self.top_k >= 0, "0 or more"),
-                               ("top-p", 0 < self.top_p <= 1, "within (0, 1]"),
-                               ("max-pixels", self.max_pixels >= 0, "0 or more")):
-            if not ok:
-                raise ValueError(f"--{flag} {getattr(self, flag.replace('-', '_'))}: must be {want}")
+        cli.at_least(self, 1, "max_new_tokens")
+        cli.at_least(self, 0, "temperature", "top_k", "max_pixels")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p {self.top_p}: must be within (0, 1]")
 
 
 def parse_args(argv=None) -> SampleConfig:
@@ -293,12 +290,11 @@ def user_turn(text: str, paths: list) -> tuple[dict, list]:
 HELP = "`/image PATH` attaches an image to your next message, `/reset` starts over, `/quit` or Ctrl-D leaves"
 
 
-def chat(model, tokenizer, image_cfg, cfg: SampleConfig, system: str, stop_ids, pending: list):
+def chat(model, tokenizer, image_cfg, cfg: SampleConfig, opening: list[dict], stop_ids, pending: list):
     """A multi-turn chat. Each turn prefills the whole conversation again, its images included: simple, and the
     prompt is short next to the time spent decoding on a CPU. A command is checked when typed (an image is
     decoded then); an error loses nothing else; Ctrl-C stops an answer, at the prompt it leaves."""
     print(f"chat: type a message; {HELP}.", file=sys.stderr)
-    opening = [{"role": "system", "content": system}] if system else []
     messages, images = list(opening), []
     while True:
         attached = f" (+{len(pending)} image{'s' if len(pending) > 1 else ''})" if pending else ""
@@ -356,20 +352,18 @@ def main(argv=None):
             if not (prompt := sys.stdin.read().strip()):
                 raise ValueError("no --prompt and nothing on stdin: give a prompt, or --chat")
             message = user_message(prompt, len(images))
-        model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter)
+        model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter,
+                                                   cfg.max_pixels)
         if cfg.image and image_cfg is None:
             raise ValueError(f"{cfg.model} is a text-only LLM (no vision tower): it cannot take --image")
-        if cfg.max_pixels and image_cfg is not None:
-            image_cfg = dataclasses.replace(image_cfg, max_pixels=cfg.max_pixels,
-                                            min_pixels=min(image_cfg.min_pixels, cfg.max_pixels))
         system = cfg.system or weights.template_defaults(weights.read_chat_template(cfg.model))[0]
         stop_ids = weights.stop_token_ids(cfg.model)
         if not stop_ids:
             print(f"warning: {cfg.model} names no eos_token_id: every answer runs to --max-new-tokens",
                   file=sys.stderr)
-        if not prompt:
-            return chat(model, tokenizer, image_cfg, cfg, system, stop_ids, images)
         opening = [{"role": "system", "content": system}] if system else []
+        if not prompt:
+            return chat(model, tokenizer, image_cfg, cfg, opening, stop_ids, images)
         answer(model, tokenizer, image_cfg, opening + [message], images, cfg, stop_ids)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

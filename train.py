@@ -81,26 +81,15 @@ class TrainConfig:
     max_shard_size: str = "4GB"  # of the output model's safetensors files
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "pack_window", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("max_steps", "warmup_steps", "save_every", "keep_last", "weight_decay",
-                     "peak_tflops", "max_bad_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 0 or more")
-        for name in ("lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be above 0")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise ValueError(f"--num-workers {self.num_workers}: must be 0 or more")
-        if self.lora_rank < 0 or not set(self.lora_parts.split(",")) <= {"llm", "vision"}:
-            raise ValueError(f"--lora-rank {self.lora_rank} / --lora-parts {self.lora_parts}: a rank of 0 or more, "
-                             "parts llm, vision or llm,vision")
+        cli.at_least(self, 1, "epochs", "batch_size", "grad_accum", "max_length", "pack_window", "log_every",
+                     "max_pixels", "min_pixels")
+        cli.at_least(self, 0, "max_steps", "warmup_steps", "save_every", "keep_last", "weight_decay", "peak_tflops",
+                     "max_bad_steps", "num_workers", "lora_rank")
+        cli.at_least(self, 0, "lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad", strict=True)
+        if not set(self.lora_parts.split(",")) <= {"llm", "vision"}:
+            raise ValueError(f"--lora-parts {self.lora_parts}: llm, vision or llm,vision")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"--min-lr-ratio {self.min_lr_ratio}: must be within 0..1")
-        for name in ("max_pixels", "min_pixels"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
 
 
 def parse_args(argv=None) -> TrainConfig:

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -309,9 +309,10 @@ def template_defaults(template: str) -> tuple[str, bool]:
 # ---- ready for inference ----
 
 
-def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16, adapter: str = ""):
+def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16, adapter: str = "",
+         max_pixels: int = 0):
     """(model, tokenizer, image_cfg or None for a text-only LLM) from a model dir, a LoRA adapter merged in;
-    errors name what is missing."""
+    max_pixels > 0 lowers the images' pixel budget (fewer tokens per image). Errors name what is missing."""
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model dir not found: {path}")
@@ -322,6 +323,8 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16, ad
     image_cfg = None
     if model.visual is not None:
         image_cfg = pixels.image_config_from_dir(path, patch_size=model.cfg.vision.patch_size)
+        if max_pixels:
+            image_cfg = replace(image_cfg, max_pixels=max_pixels, min_pixels=min(image_cfg.min_pixels, max_pixels))
         if tokenizer.token_to_id("<|image_pad|>") != model.cfg.image_token_id:
             raise ValueError(f"{path}: config.json's image_token_id {model.cfg.image_token_id} is not "
                              f"tokenizer.json's <|image_pad|> ({tokenizer.token_to_id('<|image_pad|>')})")
