@@ -205,7 +205,8 @@ def assemble(a: AssembleArgs) -> dict[str, tuple[str, str]]:
         raise FileExistsError(f"{out} exists and is not empty: choose a new --out, or --force to write into it")
     hf = assembled_config(vdir, ldir, a.dtype)
     cfg = M.config_from_hf(hf)
-    check_tokenizers(vdir, ldir, [cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id],
+    check_tokenizers(vdir, ldir, [i for i in (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                                             cfg.vision_end_token_id) if i is not None],
                      cfg.text.vocab_size)
     image = pixels.image_config_from_dir(vdir, patch_size=cfg.vision.patch_size)
     if (image.merge_size, image.temporal_patch_size) != (cfg.vision.spatial_merge_size, cfg.vision.temporal_patch_size):
@@ -215,6 +216,9 @@ def assemble(a: AssembleArgs) -> dict[str, tuple[str, str]]:
     weights.write_checkpoint(out, hf, items, a.max_shard_size)  # one tensor in memory at a time
     weights.copy_model_files(ldir, out)  # the LLM's tokenizer, chat template and generation config
     pixels.save_image_config(image, out)  # the vision donor's image preprocessing
+    # and its video preprocessing, as AutoVideoProcessor reads it from the donor (Qwen3-VL ships a
+    # video_preprocessor_config.json; Qwen2.5-VL's comes from its preprocessor_config.json), written out whole
+    pixels.save_video_config(pixels.video_config_from_dir(vdir, patch_size=cfg.vision.patch_size), out)
     weights.write_json(out / "assemble.json", {"args": dataclasses.asdict(a), "tensors": origins, "dropped": dropped})
     print(report(origins, {it.name: math.prod(it.shape) for it in items}, len(dropped)))
     return origins

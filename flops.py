@@ -97,7 +97,7 @@ def vision_flops(v: VisionConfig, grid_thw: list[list[int]], train: dict[str, bo
 
 def step_flops(cfg: ModelConfig, batch: dict, train: dict[str, bool]) -> float:
     """Model FLOPs (forward + backward) of one micro-batch as data.collate makes it (input_ids (B, T), labels,
-    attention_mask, doc_ids when packed, image_grid_thw (n, 3) in patches when it has images), with the parts
+    attention_mask, doc_ids when packed, image_grid_thw / video_grid_thw (n, 3) in patches), with the parts
     train.set_trainable returns ({"vision": bool, "merger": bool, "llm": bool}) trained."""
     t = cfg.text
     B, T = batch["input_ids"].shape
@@ -108,7 +108,7 @@ def step_flops(cfg: ModelConfig, batch: dict, train: dict[str, bool]) -> float:
     lengths = torch.unique_consecutive(ids.expand(B, T)[real], return_counts=True)[1].tolist()
     n_tokens, n_labels = sum(lengths), int((batch["labels"][:, 1:] != -100).sum())
 
-    grid = batch.get("image_grid_thw")
+    grids = [g for k in ("image_grid_thw", "video_grid_thw") if (g := batch.get(k)) is not None for g in g.tolist()]
     vision_in = cfg.vision is not None and (train["vision"] or train["merger"])
     grad_x = train["llm"] or vision_in  # the decoder's input needs a gradient (embed_tokens or the image features)
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
@@ -117,6 +117,6 @@ def step_flops(cfg: ModelConfig, batch: dict, train: dict[str, bool]) -> float:
     head = 2 * n_labels * t.hidden_size * t.vocab_size
     total = t.num_layers * (per_layer * (1 + train["llm"] + grad_x) + attention * (1 + 2 * grad_x))
     total += head * (1 + train["llm"] + grad_x)
-    if cfg.vision is not None and grid is not None and len(grid):
-        total += vision_flops(cfg.vision, grid.tolist(), train)
+    if cfg.vision is not None and grids:
+        total += vision_flops(cfg.vision, grids, train)
     return float(total)

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 # No pickle anywhere: a checkpoint directory is data, never code. A checkpoint resumes on the world size it was
 # written with (the shards and the per-rank data offsets depend on it).
 RESUME_SETTINGS = ("stage", "batch_size", "grad_accum", "max_length", "pack", "pack_window", "seed", "data",
-                   "epochs", "lora_rank", "lora_targets", "lora_parts")
+                   "epochs", "lora_rank", "lora_targets", "lora_parts",
+                   "max_pixels", "min_pixels", "fps", "max_frames", "video_max_pixels")  # these set sample lengths
 
 
 def checkpoint_tensors(model, optimizer) -> dict[str, torch.Tensor]:

@@ -51,6 +51,9 @@ class TrainConfig:
     pack_window: int = 1024  # samples bin-packed together at a time
     max_pixels: int | None = None  # image bounds; None = the model dir's preprocessor_config.json
     min_pixels: int | None = None  # None = the model dir's preprocessor_config.json
+    fps: float | None = None  # video frames sampled a second; None = the model dir's video_preprocessor_config.json
+    max_frames: int | None = None  # frames kept of a video at most; None = the model dir's
+    video_max_pixels: int | None = None  # a video's pixel bound (Qwen2.5-VL per frame, Qwen3-VL all frames)
     system_prompt: str | None = None  # None = as the chat template does; "" = none
     think: bool | None = None  # an empty or filled <think> block on the answer; None = as the chat template does
     skip_invalid: bool = False  # leave out the samples the data check rejects (listed) instead of stopping
@@ -82,10 +85,10 @@ class TrainConfig:
 
     def __post_init__(self):
         cli.at_least(self, 1, "epochs", "batch_size", "grad_accum", "max_length", "pack_window", "log_every",
-                     "max_pixels", "min_pixels")
+                     "max_pixels", "min_pixels", "max_frames", "video_max_pixels")
         cli.at_least(self, 0, "max_steps", "warmup_steps", "save_every", "keep_last", "weight_decay", "peak_tflops",
                      "max_bad_steps", "num_workers", "lora_rank")
-        cli.at_least(self, 0, "lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad", strict=True)
+        cli.at_least(self, 0, "lr", "lr_vision", "lr_merger", "lr_llm", "clip_grad", "fps", strict=True)
         if not set(self.lora_parts.split(",")) <= {"llm", "vision"}:
             raise ValueError(f"--lora-parts {self.lora_parts}: llm, vision or llm,vision")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -332,7 +335,7 @@ def peak_memory_gb(device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 
-MODEL_INPUTS = ("input_ids", "labels", "pixel_values", "image_grid_thw", "attention_mask", "position_ids", "doc_ids")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "doc_ids", *data.MEDIA)
 
 
 def main(cfg: TrainConfig) -> None:

@@ -281,7 +281,7 @@ EXPECTED = {  # bad.jsonl line -> the problem(s) it must produce
     21: ["bad field: turn 1: content is 42, not a string"],
     22: ["misplaced <image>: in turn 1 (assistant); images go in user turns"],
     23: ["reserved token: turn 0 contains <|im_end|>; special tokens come from the chat template only"],
-    24: ["unknown field: 'videos': videos are not supported"],
+    24: ["missing video: clips/dog.mp4"],
     25: ["bad field: images must be a path or a list of paths, not 5"],
     26: ["bad image: images/sliver.png: image of 2x402 (h x w) has aspect ratio 201.0; the limit is 200: crop or "
          "pad it"],
