@@ -18,6 +18,7 @@ import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -171,11 +172,12 @@ def image_tokens(height: int, width: int, cfg: ImageConfig) -> int:
 # video: frame sampling, resize within a pixel budget, patchify with real temporal frames
 #
 # A plain-PyTorch copy of transformers' (5.23.0) Qwen2VLVideoProcessor (Qwen2.5-VL) and Qwen3VLVideoProcessor
-# (Qwen3-VL), which need torchvision; that does not install beside this CPU torch, so tests/test_video.py checks
-# shapes and counts, not bit-identity. The two differ in three ways, all keyed on VideoConfig.text_timestamps:
-# how frames are sampled, whether the pixel budget is per frame or per video, and whether the prompt writes each
-# frame pair's time as text (Qwen3-VL, "<1.5 seconds>") or the model puts it in RoPE (Qwen2.5-VL,
-# second_per_grid_ts).
+# (Qwen3-VL), which need torchvision; that does not install beside this CPU torch, so tests/test_video_reference.py
+# checks bit-identity against their outputs stored by tests/make_video_reference.py (run in a separate venv): pixels,
+# grids, sampled frames, second_per_grid_ts and the "<t seconds>" text, on CPU. The two differ in three ways, all
+# keyed on VideoConfig.text_timestamps: how frames are sampled, whether the pixel budget is per frame or per video,
+# and whether the prompt writes each frame pair's time as text (Qwen3-VL, "<1.5 seconds>") or the model puts it in
+# RoPE (Qwen2.5-VL, second_per_grid_ts).
 #
 #    cfg = video_config_from_dir(model_dir)
 #    idx = sample_frame_indices(total_frames, video_fps, cfg.fps, cfg.min_frames, cfg.max_frames,
@@ -199,7 +201,7 @@ class VideoConfig:
     # False: Qwen2VLVideoProcessor (Qwen2.5-VL): arange sampling, a per-frame budget, time in M-RoPE.
     text_timestamps: bool
     do_sample_frames: bool  # the processor's own default: Qwen2VL keeps every frame it is given, Qwen3VL samples
-    fps: float = 2.0
+    fps: float = 2.0  # Qwen2VLVideoProcessor has none (sampling without one is a TypeError there): qwen-vl-utils' 2
     min_frames: int = 4
     max_frames: int = 768
     cap_pixels_per_frame: bool = False  # qwen-vl-utils' per-frame cap; transformers 5.23 leaves it off by default
@@ -232,12 +234,15 @@ def video_config_from_dir(path, patch_size: int | None = None) -> VideoConfig:
     if kind not in (None, "Qwen2VLVideoProcessor", "Qwen3VLVideoProcessor"):
         raise ValueError(f"{path}: video_processor_type {kind!r} is not supported")
     qwen3 = kind == "Qwen3VLVideoProcessor" if kind else (patch_size or d.get("patch_size")) == 16
-    for key, want in (("do_resize", True), ("do_rescale", True), ("do_normalize", True), ("resample", 3)):
+    # num_frames: a fixed frame count in place of fps sampling, which sample_frame_indices does not do
+    for key, want in (("do_resize", True), ("do_rescale", True), ("do_normalize", True), ("resample", 3),
+                      ("num_frames", None)):
         if d.get(key, want) != want:
             raise ValueError(f"{path}: {key}={d[key]!r} is not supported, only {want!r}")
     size = d.get("size") or {}
     d = {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge"),
-         **({} if qwen3 else {k: d.get(k) for k in ("min_pixels", "max_pixels")}),  # Qwen2VL's __init__ pops these
+         # Qwen2VL's __init__ lets min_pixels / max_pixels, when given, override size
+         **({} if qwen3 else {k: d[k] for k in ("min_pixels", "max_pixels") if d.get(k) is not None}),
          **{k: v for k, v in d.items() if k not in ("min_pixels", "max_pixels")}}
     keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor",
             "do_sample_frames", "fps", "min_frames", "max_frames", "cap_pixels_per_frame", "max_video_tokens")
@@ -247,6 +252,18 @@ def video_config_from_dir(path, patch_size: int | None = None) -> VideoConfig:
         kw["patch_size"] = patch_size
     kw["image_mean"], kw["image_std"] = tuple(map(float, kw["image_mean"])), tuple(map(float, kw["image_std"]))
     return VideoConfig(text_timestamps=qwen3, **kw)
+
+
+def save_video_config(cfg: VideoConfig, path) -> None:
+    """Write path/video_preprocessor_config.json; transformers' AutoVideoProcessor reads it back to the same
+    settings (and video_config_from_dir to cfg)."""
+    d = dict(video_processor_type="Qwen3VLVideoProcessor" if cfg.text_timestamps else "Qwen2VLVideoProcessor",
+             do_convert_rgb=True, do_resize=True, resample=3, do_rescale=True, rescale_factor=cfg.rescale_factor,
+             do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+             size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}, patch_size=cfg.patch_size,
+             temporal_patch_size=cfg.temporal_patch_size, merge_size=cfg.merge_size, do_sample_frames=cfg.do_sample_frames,
+             fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames)
+    (Path(path) / "video_preprocessor_config.json").write_text(json.dumps(d, indent=2) + "\n")
 
 
 def sample_frame_indices(total_frames: int, video_fps: float, fps: float = 2.0, min_frames: int = 4,
@@ -320,8 +337,9 @@ def preprocess_video(frames, cfg: VideoConfig) -> tuple[torch.Tensor, torch.Tens
 
     The resize is the processor's torchvision resize, bicubic with antialias on uint8 frames. On a CPU tensor
     torchvision calls torch's native uint8 kernel, F.interpolate below, which rounds to uint8 between its two
-    separable passes; on CUDA torchvision goes uint8 -> fp32 -> clamp -> round instead, a few levels apart.
-    Untested against the processor here (no torchvision): bit-identity is not checked, only the layout.
+    separable passes; on CUDA torchvision goes uint8 -> fp32 -> clamp -> round instead: 1 level off on smooth
+    downscales, up to ~20 on noise or upscales. tests/test_video_reference.py checks this function bit-identical
+    to both processors on CPU (stored outputs of transformers 5.23.0 / torchvision 0.29.1), the CUDA path not.
     """
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -356,6 +374,126 @@ def video_tokens(num_frames: int, height: int, width: int, cfg: VideoConfig) -> 
     return -(-num_frames // cfg.temporal_patch_size) * h * w // (cfg.patch_size * cfg.merge_size) ** 2
 
 
+# ---- reading videos: a file (decoded by PyAV), a folder of frames or a list of frame images ----
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")  # what a folder of frames holds
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video's sampled frames and where they sit in its source: what the processor and the prompt need."""
+    frames: np.ndarray  # (T, H, W, 3) uint8
+    indices: list[int]  # of the source's frames
+    fps: float  # the source's frame rate (a list of frames: the rate it was taken at)
+    total_frames: int  # in the source
+
+    def timestamps(self, cfg: VideoConfig) -> list[float]:  # Qwen3-VL's "<t seconds>", one per frame pair
+        return frame_timestamps(self.indices, self.fps, cfg.temporal_patch_size)
+
+    def second_per_grid(self, cfg: VideoConfig) -> float:  # Qwen2.5-VL's second_per_grid_ts entry
+        return second_per_grid(len(self.indices), self.total_frames, self.fps, cfg.temporal_patch_size)
+
+
+def frame_paths(source) -> list[Path] | None:
+    """The frame images of a video given as frames (a list of paths, or a folder of images in name order), or
+    None for a video file."""
+    if isinstance(source, (list, tuple)):
+        return [Path(f) for f in source]
+    if Path(source).is_dir():
+        return sorted(f for f in Path(source).iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+    return None
+
+
+def video_indices(total_frames: int, fps: float, cfg: VideoConfig, frames_given: bool = False) -> list[int]:
+    """The source frames a video keeps. A file is sampled as the processor samples it (sample_frame_indices, at
+    cfg.fps within cfg.min_frames..max_frames); frames given as images are taken as already sampled (as
+    qwen-vl-utils and the processors do), all of them, evenly thinned only beyond cfg.max_frames."""
+    if total_frames <= 0:
+        raise ValueError("the video has no frames")
+    if frames_given:
+        n = min(total_frames, cfg.max_frames)
+        return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()
+    return sample_frame_indices(total_frames, fps, cfg.fps, cfg.min_frames, cfg.max_frames, cfg.temporal_patch_size,
+                                cfg.text_timestamps)
+
+
+def video_header(path) -> tuple[int, float]:
+    """(frames, frame rate) of a video file from its container, as transformers' PyAV reader takes them
+    (stream.frames, average_rate); a container that does not store the count is counted by demuxing."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise ValueError(f"{path}: the video stream has no frame rate")
+        total = stream.frames or sum(p.size > 0 for p in container.demux(stream))
+        return total, float(rate)
+
+
+def open_video(path):
+    """av.open with the file named in every error (missing, not a video, no video stream)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as e:
+        raise ValueError(f"cannot open video file {path}: {e}") from e
+    if not container.streams.video:
+        container.close()
+        raise ValueError(f"{path} has no video stream")
+    return container
+
+
+def load_video(source, cfg: VideoConfig, fps: float | None = None) -> Video:
+    """Decode and sample a video: a file (any container and codec FFmpeg reads, through PyAV), a folder of frame
+    images, or a list of them (taken at `fps` frames a second, default cfg.fps). Frames are RGB uint8 as PyAV's
+    rgb24 conversion gives them (transformers' PyAV backend does the same); a frame that does not decode, or a
+    file shorter than its header says, raises naming the file."""
+    if (paths := frame_paths(source)) is not None:
+        if not paths:
+            raise ValueError(f"{source}: a folder of frames with no {'/'.join(FRAME_SUFFIXES)} images")
+        rate = fps or cfg.fps
+        idx = video_indices(len(paths), rate, cfg, frames_given=True)
+        frames = [np.array(to_rgb(load_image(paths[i]))) for i in idx]
+        if len({f.shape for f in frames}) > 1:
+            raise ValueError(f"{source}: frames of different sizes {sorted({f.shape[:2] for f in frames})}")
+        return Video(np.stack(frames), idx, rate, len(paths))
+    container = open_video(source)
+    with container:
+        total, rate = video_header(source)
+        idx = video_indices(total, rate, cfg)
+        want, frames, stream = set(idx), [], container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame-threaded decode: on 2 cores about 1.5x faster
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if i in want:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if i >= idx[-1]:
+                    break
+        except av.FFmpegError as e:
+            raise ValueError(f"{source}: frame {len(frames)} of the sampled {len(idx)} does not decode: {e}") from e
+    if len(frames) < len(idx):
+        raise ValueError(f"{source}: {total} frames in its header, fewer decode (the file is truncated?)")
+    return Video(np.stack(frames), idx, rate, total)
+
+
+def video_text(timestamps: list[float] | None, pad: str, start: str, end: str) -> str:
+    """What one video placeholder becomes in the prompt, each block's pads as ONE pad (expanded to its count by the
+    caller, as image pads are): Qwen2.5-VL start + pad + end, one block of all the video's tokens; Qwen3-VL start,
+    then per frame pair "<t seconds>" + start + pad + end, then end (Qwen3VLProcessor.replace_video_token, 5.23:
+    the per-frame blocks sit inside the chat template's own vision_start/end)."""
+    if timestamps is None:
+        return start + pad + end
+    return start + "".join(f"<{t:.1f} seconds>{start}{pad}{end}" for t in timestamps) + end
+
+
+def video_blocks(num_frames: int, height: int, width: int, cfg: VideoConfig) -> list[int]:
+    """Pads of each block of a video of num_frames sampled frames: one block of all its tokens (Qwen2.5-VL), or
+    one block of one frame pair's tokens per pair (Qwen3-VL, whose prompt puts a timestamp before each)."""
+    n = video_tokens(num_frames, height, width, cfg)
+    t = -(-num_frames // cfg.temporal_patch_size)
+    return [n // t] * t if cfg.text_timestamps else [n]
+
+
 # ---- the dataset check's image facts, decoded once and cached beside the data ----
 
 
@@ -373,11 +511,37 @@ def image_facts(path: Path) -> list:
         return [st.st_size, st.st_mtime_ns, 0, 0, f"undecodable image: {e}"]
 
 
+def video_facts(path: Path) -> list:
+    """[file size, mtime_ns, frames, frame rate, height, width, problem] of a video file after decoding every
+    frame (problem "" when it is fine), as image_facts is for an image: the header's frame count, which
+    load_video samples from, and a problem if fewer frames decode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return [-1, -1, 0, 0.0, 0, 0, "missing video"]
+    decoded, h, w = 0, 0, 0
+    try:
+        with open_video(path) as container:
+            total, rate = video_header(path)
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                decoded, h, w = decoded + 1, frame.height, frame.width
+    except av.FFmpegError as e:  # a corrupt frame (PyAV's errors are ValueErrors too: this one first)
+        return [st.st_size, st.st_mtime_ns, 0, 0.0, 0, 0, f"undecodable video: {path}: frame {decoded}: {e}"]
+    except (ValueError, FileNotFoundError) as e:  # not a video, no video stream (open_video names the file)
+        return [st.st_size, st.st_mtime_ns, 0, 0.0, 0, 0, f"undecodable video: {e}"]
+    if decoded < total:
+        return [st.st_size, st.st_mtime_ns, 0, 0.0, 0, 0,
+                f"undecodable video: {path}: {total} frames in its header, {decoded} decode (truncated?)"]
+    return [st.st_size, st.st_mtime_ns, total, rate, h, w, ""]
+
+
 def check_images(paths: dict[str, Path], num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                 gather=None) -> dict[str, list]:
-    """image_facts of every image in `paths` (image -> its cache file, beside its dataset), from the caches where
-    size and mtime still match; the rest decoded, each rank its share (in `num_workers` processes), gathered
-    (gather: one rank's results -> every rank's), and the caches updated by rank 0."""
+                 gather=None, facts_of=image_facts) -> dict[str, list]:
+    """facts_of (image_facts, or video_facts) every file in `paths` (file -> its cache file, beside its dataset),
+    from the caches where size and mtime still match; the rest decoded, each rank its share (in `num_workers`
+    processes), gathered (gather: one rank's results -> every rank's), and the caches updated by rank 0."""
     caches = {}
     for f in set(paths.values()):
         try:
@@ -396,9 +560,9 @@ def check_images(paths: dict[str, Path], num_workers: int = 0, rank: int = 0, wo
     todo = sorted(set(paths) - set(facts))[rank::world_size]
     if num_workers > 0 and len(todo) > 64:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            new = dict(zip(todo, pool.map(image_facts, map(Path, todo), chunksize=64)))
+            new = dict(zip(todo, pool.map(facts_of, map(Path, todo), chunksize=64)))
     else:
-        new = {p: image_facts(Path(p)) for p in todo}
+        new = {p: facts_of(Path(p)) for p in todo}
     for shard in gather(new) if world_size > 1 else [new]:
         facts |= shard
         if rank == 0:
