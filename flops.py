@@ -108,7 +108,7 @@ def step_flops(cfg: ModelConfig, batch: dict, train: dict[str, bool]) -> float:
     lengths = torch.unique_consecutive(ids.expand(B, T)[real], return_counts=True)[1].tolist()
     n_tokens, n_labels = sum(lengths), int((batch["labels"][:, 1:] != -100).sum())
 
-    grids = [g for k in ("image_grid_thw", "video_grid_thw") if (g := batch.get(k)) is not None for g in g.tolist()]
+    grids = [g for k in ("image_grid_thw", "video_grid_thw") if batch.get(k) is not None for g in batch[k].tolist()]
     vision_in = cfg.vision is not None and (train["vision"] or train["merger"])
     grad_x = train["llm"] or vision_in  # the decoder's input needs a gradient (embed_tokens or the image features)
     q, kv = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim

@@ -20,6 +20,7 @@ import model as M
 import train
 import weights
 from test_data import make_model_dir
+from test_data_video import moving_square, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,6 +140,23 @@ def test_text_only_rank_beside_image_rank(model_dir, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
 
+
+
+def test_video_rank_beside_image_rank(model_dir, tmp_path):
+    """A video sample on one rank, an image sample on the other (the tower runs on frames there, on an image
+    here): nothing hangs, and 2 ranks equal 1 process of 2 micro-batches."""
+    data = write_dataset(tmp_path / "d", 2)
+    write_clip(tmp_path / "d" / "clip.mp4", moving_square(12, 48, 64))
+    lines = data.read_text().splitlines()
+    lines[1] = json.dumps({"messages": [{"role": "user", "content": "<video>which way does it move?"},
+                                        {"role": "assistant", "content": "right"}], "video": "clip.mp4"})
+    data.write_text("\n".join(lines) + "\n")
+    two = config(model_dir, data, tmp_path / "two", stage=2, epochs=2, grad_accum=1)
+    torchrun(two, 2)
+    one = config(model_dir, data, tmp_path / "one", stage=2, epochs=2, grad_accum=2)
+    train.main(one)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 2 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5 and a[0] != a[1]
 
 def test_resume_equals_uninterrupted(model_dir, tmp_path):
     """5 samples, 2 micro-batches a step: 2 steps an epoch and one sample left over, which the run skips; the
