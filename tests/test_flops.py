@@ -76,6 +76,12 @@ def test_hand_count_stage1_and_stage2():
     text_only = {k: v for k, v in batch.items() if k != "image_grid_thw"}
     assert flops.step_flops(cfg, text_only, STAGE2) == stage2 - 2 * patch_embed - 3 * (
         block_linears + vision_attention + mergers)
+    # the same patches as a video (its frames attend within themselves, as the images do) count the same;
+    # a video of grid (2, 2, 4) in place of the 4x4 image attends per frame: 2 * 8^2 rather than one 16^2
+    as_video = dict(text_only, video_grid_thw=batch["image_grid_thw"])
+    assert flops.step_flops(cfg, as_video, STAGE2) == stage2
+    frames = dict(text_only, image_grid_thw=torch.tensor([[1, 2, 4]]), video_grid_thw=torch.tensor([[2, 2, 4]]))
+    assert flops.step_flops(cfg, frames, STAGE2) == stage2 - 3 * 2 * 4 * 16 * (16**2 - 2 * 8**2)
 
 
 @pytest.mark.parametrize("qwen25", [False, True], ids=["qwen3vl", "qwen25vl"])
