@@ -10,7 +10,11 @@ sample.py and eval.py (prompts) and convert.py (the assembled model keeps its vi
     image_tokens(height, width, cfg)                       # the same count from the size alone, without pixels
     save_image_config(cfg, out_dir)                        # write preprocessor_config.json
 
-Videos (the second half of this file): video_config_from_dir, sample_frame_indices, preprocess_video, video_tokens.
+Videos (the second half of this file), as transformers' two video processors make them (bit-identical on CPU):
+    vcfg = video_config_from_dir(model_dir, patch_size)    # video_preprocessor_config.json (or the family's)
+    video = load_video("clip.mp4" | "frames/" | [paths], vcfg)   # sampled frames (T, H, W, 3) uint8 + their times
+    pixel_values_videos, video_grid_thw = preprocess_video(video.frames, vcfg)
+    video_text(video.timestamps(vcfg) if vcfg.text_timestamps else None, pad, start, end)   # its prompt text
 """
 import json
 import math
