@@ -192,13 +192,13 @@ def check_sample(sample: Sample, chat: Chat, max_length: int, facts: dict[str, l
     def bad(kind, detail):
         out.append(Problem(sample.where, kind, detail))
 
-    def fact(path, of):  # (height, width) or None, its problem reported
-        table, facts_of = (facts, pixels.image_facts) if of == "image" else (video_facts, pixels.video_facts)
-        *rest, height, width, problem = table[str(path)] if table is not None else facts_of(Path(path))
-        if problem:
-            kind, _, detail = problem.partition(": ")
+    def fact(path, video=False) -> list | None:  # [height, width] ([frames, fps, height, width] of a video file)
+        table, facts_of = (video_facts, pixels.video_facts) if video else (facts, pixels.image_facts)
+        row = table[str(path)] if table is not None else facts_of(Path(path))  # [size, mtime, ..., problem]
+        if row[-1]:
+            kind, _, detail = row[-1].partition(": ")
             bad(kind, detail or str(path))
-        return None if problem else (rest[2:], height, width)
+        return None if row[-1] else row[2:-1]
 
     for k, (role, text) in enumerate(sample.messages):
         for t in chat.reserved:
@@ -209,23 +209,22 @@ def check_sample(sample: Sample, chat: Chat, max_length: int, facts: dict[str, l
             bad("no vision tower" if chat.image is None else "no video support", f"{len(given)} {what}(s) but the "
                 + ("model is a text-only LLM" if chat.image is None else "model's config.json has no video_token_id"))
     for path in sample.images if chat.image else ():
-        if got := fact(path, "image"):
+        if size := fact(path):
             try:
-                counts.append(pixels.image_tokens(got[1], got[2], chat.image))
+                counts.append(pixels.image_tokens(*size, chat.image))
             except ValueError as e:  # smart_resize: an aspect ratio over 200
                 bad("bad image", f"{path}: {e}")
     for source in sample.videos if chat.video else ():
         frames = pixels.frame_paths(source)
         if frames is None:  # a video file: its header's frame count and rate
-            got = fact(source, "video")
-            total, fps, size = (*got[0], got[1:]) if got else (0, 0.0, None)
+            total, fps, *size = fact(source, video=True) or (0, 0.0)
         else:  # frames: all decode, one size
-            sizes = {got[1:] for f in frames if (got := fact(f, "image"))}
-            total, fps, size = len(frames), chat.video.fps, next(iter(sizes)) if len(sizes) == 1 else None
+            sizes = {tuple(size) for f in frames if (size := fact(f))}
+            total, fps, size = len(frames), chat.video.fps, list(sizes)[0] if len(sizes) == 1 else None
             if len(sizes) > 1 or not frames:
                 bad("bad video", f"{source}: " + (f"frames of {len(sizes)} sizes" if frames else "no frame images"))
         try:
-            if size is not None:
+            if size:
                 idx = pixels.video_indices(total, fps, chat.video, frames_given=frames is not None)
                 videos.append(video_layout(chat.video, idx, fps, *size))
         except ValueError as e:  # too few frames, an aspect ratio over 200
@@ -475,7 +474,7 @@ def main(argv=None) -> int:
     p = cli.parser(DataConfig, main.__doc__)
     p.add_argument("files", nargs="+", help=".json (one array) or .jsonl (one sample a line); LLaVA or ms-swift")
     p.add_argument("--model", required=True, help="model dir: config.json, tokenizer files, chat template")
-    p.add_argument("--num-workers", type=int, default=0, help="processes that decode images")
+    p.add_argument("--num-workers", type=int, default=0, help="processes that decode images and videos")
     args = p.parse_args(argv)
     cfg = cli.settings(DataConfig, args, p)
     try:
