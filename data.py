@@ -102,13 +102,10 @@ def load_chat(path, cfg: DataConfig) -> Chat:
             raise ValueError(f"{d}: preprocessor_config.json's merge / temporal patch sizes {image.merge_size} / "
                              f"{image.temporal_patch_size} differ from config.json's")
         pad = text_of(mc.image_token_id, "<|image_pad|>")
-        start, end = text_of(mc.vision_start_token_id, "<|vision_start|>"), text_of(mc.vision_end_token_id, "<|vision_end|>")
+        start = text_of(mc.vision_start_token_id, "<|vision_start|>")
+        end = text_of(mc.vision_end_token_id, "<|vision_end|>")
         image_id, image_text = tok.token_to_id(pad), start + pad + end
-        if mc.video_token_id is not None:
-            video = pixels.video_config_from_dir(d, v.patch_size)
-            video = replace(video, **{k: x for k, x in (("fps", cfg.fps), ("max_frames", cfg.max_frames)) if x},
-                            **({"max_pixels": cfg.video_max_pixels, "min_pixels": min(video.min_pixels, cfg.video_max_pixels)}
-                               if cfg.video_max_pixels else {}))
+        if video := weights.video_config(d, mc, cfg.fps, cfg.max_frames, cfg.video_max_pixels):
             video_id, marks = mc.video_token_id, (text_of(mc.video_token_id, "<|video_pad|>"), start, end)
     text_of(None, "<|im_start|>"), text_of(None, "<|im_end|>")  # the template's own tokens must exist too
     return Chat(tokenizer=tok, default_system=system if cfg.system_prompt is None else cfg.system_prompt,
@@ -128,9 +125,9 @@ def render(sample: Sample, chat: Chat, counts: list[int],
     """Token ids and labels of a sample, ChatML as the model's chat template renders it: the default system turn
     if it has none, then `<|im_start|>{role}\\n{text}<|im_end|>\\n` a turn, each <image> as vision_start +
     counts[i] image pads + vision_end, each <video> as its processor writes it from (pads per block, timestamps
-    or None) of `videos` (pixels.video_text: Qwen3-VL a "<t seconds>" block per frame pair). Labels are -100 except on assistant text and its <|im_end|> (the
-    loss shifts them). The text is tokenised whole, as the HF processor does, so no token boundary moves; a
-    token is learned when its first character is."""
+    or None) of `videos` (pixels.video_text: Qwen3-VL a "<t seconds>" block per frame pair). Labels are -100
+    except on assistant text and its <|im_end|> (the loss shifts them). The text is tokenised whole, as the HF
+    processor does, so no token boundary moves; a token is learned when its first character is."""
     messages = list(sample.messages)
     if messages[0][0] != "system" and chat.default_system:
         messages.insert(0, ("system", chat.default_system))

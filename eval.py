@@ -1,6 +1,10 @@
 """Benchmark evaluation, offline, on VLMEvalKit's TSV files or LLaVA / ms-swift jsonl with reference answers.
 
     python eval.py --model DIR --data MMStar.tsv ChartQA_TEST.tsv [--max-samples N] [--batch-size N] [--out DIR]
+    python eval.py --model DIR --data videoqa.jsonl [--fps 1 --max-frames 16]    # jsonl rows with "video(s)"
+
+Video benchmarks are jsonl: VLMEvalKit has no one video TSV layout (each of its video datasets, Video-MME,
+MVBench, ..., writes its own columns, prompts and frame sampling when it downloads), so such a TSV is refused.
 
 A row with options (TSV columns A, B, ...; or a jsonl reference that is one letter) is multiple choice: the prompt
 lists the options and asks for the letter; every other row is short-answer. Prompts are built as VLMEvalKit builds
@@ -41,19 +45,22 @@ import weights
 class EvalConfig:
     model: str = ""  # HF-layout model dir (config.json, safetensors, tokenizer.json), e.g. train.py's --out
     data: list[str] = field(default_factory=list)  # .tsv (VLMEvalKit) and .jsonl (LLaVA / ms-swift) files
-    data_root: str = ""  # relative image paths (jsonl, TSV image_path) are under it; "" = the data file's directory
+    data_root: str = ""  # relative image and video paths (jsonl, TSV image_path) are under it; "" = the data file's dir
     out: str = "out/eval"  # predictions (<data stem>.jsonl) and summary.json
     max_samples: int = 0  # per file; 0 = all
     batch_size: int = 8  # prompts decoded together, left-padded
     max_new_tokens: int = 64  # answers are a letter or a short phrase; a longer one is cut here
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
+    fps: float = 0  # video frames sampled a second (a folder's: taken at); 0 = the model dir's video setting
+    max_frames: int = 0  # at most this many frames a video; 0 = the model dir's video setting
+    video_max_pixels: int = 0  # 0 = the model dir's; lower = fewer tokens a video (Qwen2.5-VL: per frame, 3-VL: all)
     adapter: str = ""  # a PEFT LoRA adapter dir, merged into --model when loaded
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     device: str = ""  # "" = cuda if available, else cpu
 
     def __post_init__(self):
         cli.at_least(self, 1, "batch_size", "max_new_tokens")
-        cli.at_least(self, 0, "max_samples", "max_pixels")
+        cli.at_least(self, 0, "max_samples", "max_pixels", "fps", "max_frames", "video_max_pixels")
 
 
 def parse_args(argv=None) -> EvalConfig:
@@ -72,11 +79,12 @@ def parse_args(argv=None) -> EvalConfig:
 class Sample:
     where: str  # "MMStar.tsv row 17 (index 16)": for messages
     index: str
-    turns: list[tuple[str, str]]  # (role, text); "<image>" in a text marks where an image goes
+    turns: list[tuple[str, str]]  # (role, text); "<image>" / "<video>" in a text marks where one goes
     images: list  # base64 text (TSV `image` column) or Path, one per "<image>", decoded when its batch runs
     refs: list[str]  # reference answers; multiple choice: the one letter
     options: dict[str, str] = field(default_factory=dict)  # letter -> option text; {} for short-answer
     category: str = ""
+    videos: list = field(default_factory=list)  # Path (a file, a folder of frames) or its frames, one per "<video>"
 
 
 def as_list(cell: str) -> list[str]:
@@ -102,6 +110,9 @@ def read_tsv(path: str | Path, max_samples: int = 0, root: str | Path = "") -> l
         if missing := [c for c in ("index", "question", "answer") if c not in cols]:
             raise ValueError(f"{path}: no {', '.join(missing)} column; a VLMEvalKit TSV has index, question, answer, "
                              f"A, B, ... and image or image_path (this one has: {', '.join(cols)})")
+        if {"video", "video_path"} & set(cols):  # read as text-only rows, it would score without its videos
+            raise ValueError(f"{path}: a VLMEvalKit video TSV (a 'video' column): not read, as each video dataset "
+                             f"has its own layout; write its rows as jsonl with a \"video\" path each (eval.py --help)")
         rows = list(reader)
     letters = [c for c in cols if len(c) == 1 and c in string.ascii_uppercase]
     image_of = {r["index"]: r.get("image") or "" for r in rows}
@@ -157,10 +168,12 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
 
 
 def read_jsonl(path: str | Path, max_samples: int = 0, root: str | Path = "") -> list[Sample]:
-    """ms-swift ({"messages": [{"role", "content"}], "images"}) or LLaVA ({"conversations": [{"from", "value"}],
-    "image" or "images"}) lines; the last turn (assistant / gpt) is the reference answer, the turns before it the
-    prompt. "<image>" marks where each image goes (none: all images before the first user text). A one-letter
-    reference ("B", "(B)") that the prompt lists as an option ("B. ..." or "(B) ..." lines) is multiple choice."""
+    """ms-swift ({"messages": [{"role", "content"}], "images", "videos"}) or LLaVA ({"conversations": [{"from",
+    "value"}], "image" or "images", "video" or "videos"}) lines, paths under `root` (a video: a file, a folder of
+    frames, or a list of frame images); the last turn (assistant / gpt) is the reference answer, the turns before
+    it the prompt. "<image>" / "<video>" marks where each image / video goes (none: before the first user text,
+    images then videos). A one-letter reference ("B", "(B)") that the prompt lists as an option ("B. ..." or
+    "(B) ..." lines) is multiple choice."""
     path, samples = Path(path), []
     root = Path(root or path.parent)
     with open(path, encoding="utf-8") as f:
@@ -175,6 +188,14 @@ def read_jsonl(path: str | Path, max_samples: int = 0, root: str | Path = "") ->
     return samples
 
 
+def is_path(p) -> bool:
+    return isinstance(p, str) and p != ""
+
+
+def is_path_list(v) -> bool:
+    return isinstance(v, list) and all(map(is_path, v))
+
+
 def jsonl_sample(rec: dict, root: Path, where: str) -> Sample:
     turns = rec.get("messages") or rec.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -186,20 +207,29 @@ def jsonl_sample(rec: dict, root: Path, where: str) -> Sample:
     if role != "assistant" or not any(r == "user" for r, _ in turns) or not ref.strip():
         raise ValueError("the last turn must be the reference answer (assistant / gpt) after a user turn")
     images = rec.get("images", rec.get("image", []))
-    images = [root / p for p in ([images] if isinstance(images, str) else images)]
-    marks = sum(text.count("<image>") for _, text in turns)
-    if marks == 0 and images:
-        u = next(i for i, (r, _) in enumerate(turns) if r == "user")
-        turns[u] = ("user", "<image>" * len(images) + turns[u][1])
-    elif marks != len(images):
-        raise ValueError(f"{marks} <image> placeholders but {len(images)} images")
+    images = [images] if isinstance(images, str) else images
+    videos = [rec["video"]] if "video" in rec else rec.get("videos", [])  # as records.py reads them for training
+    if not is_path_list(images):
+        raise ValueError(f"image / images must be a path or a list of paths, got {images!r}")
+    if not isinstance(videos, list) or not all(is_path(v) or v and is_path_list(v) for v in videos):
+        raise ValueError(f"video is a path or a list of frame paths, videos a list of them; got {videos!r}")
+    files = dict(image=[root / p for p in images],
+                 video=[root / v if isinstance(v, str) else [root / f for f in v] for v in videos])
+    front = ""  # the unmarked images and videos, before the first user text
+    for kind in ("image", "video"):
+        if (marks := sum(text.count(f"<{kind}>") for _, text in turns)) == 0:
+            front += f"<{kind}>" * len(files[kind])
+        elif marks != len(files[kind]):
+            raise ValueError(f"{marks} <{kind}> placeholders but {len(files[kind])} {kind}s")
+    u = next(i for i, (r, _) in enumerate(turns) if r == "user")
+    turns[u] = ("user", front + turns[u][1])
     letter = re.fullmatch(r"\(?([A-Z])\)?\.?", ref.strip())
     options = dict(re.findall(r"^\s*\(?([A-Z])[.)]\s*(.+?)\s*$", turns[-1][1], re.M)) if letter else {}
     if not letter or letter[1] not in options:  # a one-letter answer to an open question ("Which letter ...?")
         options = {}
     refs = [letter[1]] if options else [ref.strip()]
-    return Sample(where, str(rec.get("id", where.rsplit(" ", 1)[-1])), turns, images, refs, options,
-                  str(rec.get("category", "")))
+    return Sample(where, str(rec.get("id", where.rsplit(" ", 1)[-1])), turns, files["image"], refs, options,
+                  str(rec.get("category", "")), files["video"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,39 +253,41 @@ def vqa_prompt(question: str) -> str:
 
 
 def messages_of(turns: list[tuple[str, str]], system: str = "") -> list[dict]:
-    """(role, text with <image> marks) -> sample.build_prompt's messages, an image item where each mark was;
-    `system` (the chat template's default system prompt) opens a conversation that has none."""
+    """(role, text with <image> / <video> marks) -> sample.build_prompt's messages, an image or video item where
+    each mark was; `system` (the chat template's default system prompt) opens a conversation that has none."""
     out = [dict(role="system", content=system)] if system and turns[0][0] != "system" else []
     for role, text in turns:
-        first, *rest = text.split("<image>")
-        items = [dict(type="text", text=first)]
-        items += [x for t in rest for x in (dict(type="image"), dict(type="text", text=t))]
-        out.append(dict(role=role, content=[x for x in items if x.get("text") != ""]))
+        items = [dict(type=p[1:-1]) if p in ("<image>", "<video>") else dict(type="text", text=p)
+                 for p in re.split(r"(<image>|<video>)", text) if p]
+        out.append(dict(role=role, content=items))
     return out
 
 
-def predict(model, tokenizer, image_cfg, samples: list[Sample], cfg: EvalConfig, stop_ids, system: str,
+def predict(model, tokenizer, cfgs, samples: list[Sample], cfg: EvalConfig, stop_ids, system: str,
             desc: str) -> list[str]:
-    """Greedy answers, `batch_size` prompts at a time, left-padded (the same tokens as one at a time)."""
+    """Greedy answers, `batch_size` prompts at a time, left-padded (the same tokens as one at a time); cfgs: the
+    model's (image_cfg, video_cfg)."""
     pad_id = tokenizer.token_to_id("<|endoftext|>") or 0  # any id: the mask hides it
     preds = []
     with tqdm(total=len(samples), desc=desc, unit="sample", file=sys.stderr) as bar:
         for i in range(0, len(samples), cfg.batch_size):
-            rows, pixels, grids = [], [], []
+            rows, inputs = [], []
             for s in samples[i : i + cfg.batch_size]:
                 try:
                     images = [open_image(x) for x in s.images]
-                    ids, pv, grid = sample.build_prompt(tokenizer, messages_of(s.turns, system), images, image_cfg)
-                except (ValueError, OSError) as e:  # bad base64, a missing file, a file that is not an image
+                    videos = [sample.attach("video", p, *cfgs) for p in s.videos]
+                    ids, vision = sample.build_prompt(tokenizer, messages_of(s.turns, system), images, cfgs[0],
+                                                      videos, cfgs[1])
+                except (ValueError, OSError) as e:  # bad base64, a missing file, a file that is not an image / video
                     raise ValueError(f"{s.where}: {e}") from None
                 rows.append(ids)
-                if pv is not None:
-                    pixels.append(pv)
-                    grids.append(grid)
+                inputs.append(vision)
             ids, mask = sample.pad_left(rows, pad_id)
-            pv, grid = (torch.cat(pixels), torch.cat(grids)) if pixels else (None, None)
-            out = sample.generate(model, ids, mask, pv, grid, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
-                                  compile=ids.device.type == "cuda" or next(model.parameters()).is_cuda)
+            # each input of the rows that have it, row after row: the order of their pads in the left-padded ids
+            keys = dict.fromkeys(k for x in inputs for k in x)
+            vision = {k: torch.cat([x[k] for x in inputs if k in x]) for k in keys}
+            out = sample.generate(model, ids, mask, **vision, max_new_tokens=cfg.max_new_tokens, stop_ids=stop_ids,
+                                  compile=next(model.parameters()).is_cuda)
             preds += [tokenizer.decode(o) for o in out]
             bar.update(len(rows))
     return preds
@@ -275,13 +307,14 @@ def main(argv=None) -> dict:
                     for f in cfg.data}
         model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter,
                                                    cfg.max_pixels)
+        cfgs = image_cfg, weights.video_config(cfg.model, model.cfg, cfg.fps, cfg.max_frames, cfg.video_max_pixels)
         system = weights.template_defaults(weights.read_chat_template(cfg.model))[0]
         stop_ids = weights.stop_token_ids(cfg.model)
         out.mkdir(parents=True, exist_ok=True)
         summary = dict(config=dataclasses.asdict(cfg), results={})
         for f, samples in datasets.items():
             t0 = time.perf_counter()
-            preds = predict(model, tokenizer, image_cfg, samples, cfg, stop_ids, system, Path(f).name)
+            preds = predict(model, tokenizer, cfgs, samples, cfg, stop_ids, system, Path(f).name)
             seconds = time.perf_counter() - t0
             bench = scores.benchmark_of(Path(f).stem)  # the file's name picks its benchmark's protocol
             rows = [scores.score(p, s.refs, s.options, bench, s.category) for p, s in zip(preds, samples)]

@@ -265,8 +265,8 @@ def save_video_config(cfg: VideoConfig, path) -> None:
              do_convert_rgb=True, do_resize=True, resample=3, do_rescale=True, rescale_factor=cfg.rescale_factor,
              do_normalize=True, image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
              size={"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}, patch_size=cfg.patch_size,
-             temporal_patch_size=cfg.temporal_patch_size, merge_size=cfg.merge_size, do_sample_frames=cfg.do_sample_frames,
-             fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames)
+             temporal_patch_size=cfg.temporal_patch_size, merge_size=cfg.merge_size,
+             do_sample_frames=cfg.do_sample_frames, fps=cfg.fps, min_frames=cfg.min_frames, max_frames=cfg.max_frames)
     (Path(path) / "video_preprocessor_config.json").write_text(json.dumps(d, indent=2) + "\n")
 
 
@@ -403,6 +403,8 @@ def frame_paths(source) -> list[Path] | None:
     None for a video file."""
     if isinstance(source, (list, tuple)):
         return [Path(f) for f in source]
+    if not str(source):  # Path("") is the working directory: a folder of frames nobody meant
+        raise FileNotFoundError("no video path given")
     if Path(source).is_dir():
         return sorted(f for f in Path(source).iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
     return None
@@ -414,6 +416,8 @@ def video_indices(total_frames: int, fps: float, cfg: VideoConfig, frames_given:
     qwen-vl-utils and the processors do), all of them, evenly thinned only beyond cfg.max_frames."""
     if total_frames <= 0:
         raise ValueError("the video has no frames")
+    if cfg.max_frames < cfg.temporal_patch_size:
+        raise ValueError(f"max_frames {cfg.max_frames} is fewer than a temporal patch ({cfg.temporal_patch_size} frames)")
     if frames_given:
         n = min(total_frames, cfg.max_frames)
         return np.linspace(0, total_frames - 1, n).round().astype(int).tolist()

@@ -1,30 +1,25 @@
-"""Sampling from a model dir: one prefill pass over text + images, then one token at a time from a preallocated
-KV cache. Streams to the terminal, or is called as a library (eval.py batches prompts through `generate`).
+"""Sampling from a model dir: one prefill pass over text, images and videos, then one token at a time from a
+preallocated KV cache. Streams to the terminal, or is called as a library (eval.py batches prompts through `generate`).
 
     python sample.py --model DIR --image x.jpg [--image y.jpg ...] --prompt "Describe the image."
-    python sample.py --model DIR             # no --prompt: a multi-turn chat; `/image PATH` attaches an image
+    python sample.py --model DIR --video clip.mp4 [--fps 1 --max-frames 16] --prompt "What happens?"
+    python sample.py --model DIR             # no --prompt: a multi-turn chat; `/image PATH`, `/video PATH` attach
 
 The library, for eval.py and notebooks (the model dir itself is weights.py's: weights.load, stop_token_ids):
-    generate(model, input_ids (B, T) left-padded, attention_mask (B, T) | None = None, pixel_values=None,
-             image_grid_thw=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, stop_ids=(),
-             seed=None, on_token=None, compile=False) -> list[list[int]]      # each row's new tokens, no stop id
-    build_prompt(tokenizer, messages, images=(), image_cfg=None)
-        -> (ids: list[int], pixel_values (N, C*T*p*p) | None, image_grid_thw (n_images, 3) | None)
-        messages: [{"role": "system" | "user" | "assistant",
-                    "content": str | [{"type": "image"}, {"type": "text", "text": ...}, ...]}, ...]
-        images: PIL images, one per {"type": "image"} item, in order; image_cfg: weights.load()'s
-    pad_left(rows: list[list[int]], pad_id) -> (input_ids (B, T), attention_mask (B, T))
+    ids, vision = build_prompt(tokenizer, messages, images, image_cfg, videos, video_cfg)  # vision: model inputs
+    rows = generate(model, input_ids (B, T) left-padded, attention_mask (B, T) | None, **vision, max_new_tokens=...)
+    input_ids, attention_mask = pad_left(rows: list[list[int]], pad_id)
 
-Numerics: with --dtype float32 the greedy tokens are transformers' generate(do_sample=False) tokens (tests/
-test_sample.py). bfloat16, the default and the checkpoints' own dtype, halves the weight bytes read per decoded
-token, which is what sets batch-1 decoding speed; on CPU weights.load also packs the decoder's bf16 weights in
-oneDNN's layout (PackedLinear: the same numbers). The KV cache is in the model's dtype. Logits are sampled in
-fp32. bench/sample_speed.py measures it against transformers.
+Numerics: --dtype float32 gives transformers' generate(do_sample=False) tokens (tests/test_sample.py). bfloat16,
+the default and the checkpoints' dtype, halves the weight bytes each decoded token reads, which sets batch-1
+speed; on CPU weights.load packs the decoder's bf16 weights in oneDNN's layout (PackedLinear: the same numbers).
+The KV cache is in the model's dtype; logits are sampled in fp32. bench/sample_speed.py: against transformers.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +39,7 @@ class SampleConfig:
     model: str = ""  # HF-layout model dir: config.json, safetensors, tokenizer.json (+ preprocessor_config.json);
     # default: the demo's stage-2 model (`python demo.py` makes it)
     image: list[str] = field(default_factory=list)  # images for the (first) user turn, in order
+    video: list[str] = field(default_factory=list)  # videos for it, after the images: a file, or a folder of frames
     prompt: str = ""  # "" = a chat in a terminal, else the prompt is read from stdin
     chat: bool = False  # a chat even when stdin is not a terminal (turns and /commands a line each)
     system: str = ""  # "" = the chat template's default (Qwen2.5-VL: "You are a helpful assistant."; Qwen3: none)
@@ -53,6 +49,9 @@ class SampleConfig:
     top_k: int = 0  # 0 = no top-k cut
     seed: int = 0  # of the sampling (temperature > 0)
     max_pixels: int = 0  # 0 = the model dir's preprocessor setting; lower it to spend fewer tokens per image
+    fps: float = 0  # video frames sampled a second (a folder's: taken at); 0 = the model dir's video setting
+    max_frames: int = 0  # at most this many frames a video; 0 = the model dir's video setting
+    video_max_pixels: int = 0  # 0 = the model dir's; lower = fewer tokens a video (Qwen2.5-VL: per frame, 3-VL: all)
     adapter: str = ""  # a PEFT LoRA adapter dir (train.py --lora-rank's --out, or PEFT's), merged when loaded
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # float32: exactly transformers' greedy tokens
     device: str = ""  # "" = cuda if available, else cpu
@@ -60,7 +59,7 @@ class SampleConfig:
 
     def __post_init__(self):
         cli.at_least(self, 1, "max_new_tokens")
-        cli.at_least(self, 0, "temperature", "top_k", "max_pixels")
+        cli.at_least(self, 0, "temperature", "top_k", "max_pixels", "fps", "max_frames", "video_max_pixels")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p {self.top_p}: must be within (0, 1]")
 
@@ -70,51 +69,66 @@ def parse_args(argv=None) -> SampleConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# prompts: Qwen's ChatML, each image a <|vision_start|> <|image_pad|> x N <|vision_end|> block
+# prompts: Qwen's ChatML, each image or video a <|vision_start|> <|image_pad|> / <|video_pad|> ... <|vision_end|> block
+
+START, END = "<|vision_start|>", "<|vision_end|>"
+ITEM = re.compile(r"<\|vision_start\|><\|(image|video)_pad\|><\|vision_end\|>")  # the template's, one per item
 
 
 def render(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """ChatML text of a conversation as Qwen's chat templates write it, with one <|image_pad|> per image item
-    (a default system prompt is the caller's: see weights.template_defaults)."""
+    """ChatML text of a conversation as Qwen's chat templates write it, an ITEM per image or video item (a
+    default system prompt is the caller's: see weights.template_defaults)."""
     text = ""
     for m in messages:
         content = m["content"]
-        if not isinstance(content, str):  # a list of items: images become one placeholder each
-            content = "".join("<|vision_start|><|image_pad|><|vision_end|>" if item.get("type") == "image"
+        if not isinstance(content, str):
+            content = "".join(f"{START}<|{item['type']}_pad|>{END}" if item.get("type") in ("image", "video")
                               else item.get("text", "") for item in content)
         text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
     return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
-def build_prompt(tokenizer: Tokenizer, messages: list[dict], images: Sequence = (), image_cfg=None):
-    """Token ids of the conversation ready for the assistant's answer, and the images' pixel values.
+def build_prompt(tokenizer: Tokenizer, messages: list[dict], images: Sequence = (), image_cfg=None,
+                 videos: Sequence = (), video_cfg=None) -> tuple[list[int], dict]:
+    """(ids, vision): the conversation's token ids ready for the answer, and the model's image / video inputs.
 
-    As transformers' processor does, each <|image_pad|> is expanded to the image's token count (grid t*h*w /
-    merge^2) before tokenising, so the ids are the ones a transformers pipeline would feed the model."""
-    text = render(messages)
-    n_slots = text.count("<|image_pad|>")
-    if n_slots != len(images):
-        raise ValueError(f"the messages have {n_slots} image items but {len(images)} images were given")
-    pixel_values = grid = None
+    messages: [{"role", "content": str | [{"type": "image" | "video"} or {"type": "text", "text"}, ...]}, ...];
+    images (PIL) and videos (pixels.load_video's), one per item of their kind, in order. As the processors do, each
+    item's pad is expanded to its grid's tokens before tokenising: an image or a Qwen2.5-VL video is one block of
+    t*h*w / merge^2 pads; a Qwen3-VL video, per frame pair, "<t seconds>" + a block of h*w / merge^2."""
+    text, vision = render(messages), {}
+    kinds = [m[1] for m in ITEM.finditer(text)]
+    for kind, items, cfg in (("image", images, image_cfg), ("video", videos, video_cfg)):
+        if kinds.count(kind) != len(items):
+            raise ValueError(f"the messages have {kinds.count(kind)} {kind} items but {len(items)} {kind}s were given")
+        if items and cfg is None:
+            raise ValueError(f"this model cannot take {kind}s: a text-only LLM"
+                             + (", or no video_token_id in its config.json" if kind == "video" else ""))
     if images:
-        if image_cfg is None:
-            raise ValueError("this model has no vision tower (a text-only LLM): it cannot take images")
-        pixel_values, grid = pixels.preprocess_images(list(images), image_cfg)
-        parts = text.split("<|image_pad|>")
-        counts = pixels.num_image_tokens(grid, image_cfg.merge_size)
-        text = parts[0] + "".join("<|image_pad|>" * n + part for n, part in zip(counts, parts[1:]))
-    return tokenizer.encode(text, add_special_tokens=False).ids, pixel_values, grid
+        vision.update(zip(("pixel_values", "image_grid_thw"), pixels.preprocess_images(list(images), image_cfg)))
+    if videos:
+        pv, grids = zip(*(pixels.preprocess_video(v.frames, video_cfg) for v in videos))
+        vision.update(pixel_values_videos=torch.cat(pv), video_grid_thw=torch.cat(grids))
+        if not video_cfg.text_timestamps:  # Qwen2.5-VL's time is in M-RoPE: seconds per temporal patch
+            vision["second_per_grid_ts"] = torch.tensor([v.second_per_grid(video_cfg) for v in videos])
+    grids = {k: iter(vision[f"{k}_grid_thw"].tolist()) for k in ("image", "video") if f"{k}_grid_thw" in vision}
+    stamps = iter([v.timestamps(video_cfg) if video_cfg.text_timestamps else None for v in videos])
+
+    def tokens(m: re.Match) -> str:  # one item's text: transformers 5.23 Qwen*Processor.replace_image/video_token
+        kind, cfg = m[1], image_cfg if m[1] == "image" else video_cfg
+        (t, h, w), times = next(grids[kind]), next(stamps) if kind == "video" else None
+        per_block = h * w // cfg.merge_size**2 * (1 if times else t)  # times: a block per frame pair, else one
+        return pixels.video_text(times, f"<|{kind}_pad|>" * per_block, START, END)
+
+    return tokenizer.encode(ITEM.sub(tokens, text), add_special_tokens=False).ids, vision
 
 
 def pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts of different lengths -> (input_ids, attention_mask) (B, T), padded on the left so that every
     row's next token is generated at the same column."""
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r) :], mask[i, T - len(r) :] = torch.tensor(r, dtype=torch.long), 1
-    return ids, mask
+    ids = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows], dtype=torch.long)
+    return ids, torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,12 +168,6 @@ def compiled_decode_step(cuda: bool):
     return torch.compile(decode_step, mode="reduce-overhead" if cuda else None, dynamic=False, fullgraph=True)
 
 
-def cache_slots(tokens: int, context: int) -> int:
-    """The static cache's size: the next power of two from 1024 (capped at the context), so prompts of other
-    lengths reuse one compiled step."""
-    return min(context, max(1024, 1 << (tokens - 1).bit_length()))
-
-
 @functools.cache
 def static_cache(cfg: M.TextConfig, batch_size: int, slots: int, device: torch.device, dtype: torch.dtype):
     """One static KV cache per shape for the process, reused by every generate call: a compiled step keeps the
@@ -169,9 +177,10 @@ def static_cache(cfg: M.TextConfig, batch_size: int, slots: int, device: torch.d
 
 @torch.no_grad()
 def generate(model: M.VLM, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None,
-             image_grid_thw=None, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, stop_ids: Sequence[int] = (), seed: int | None = None,
-             on_token: Callable[[int, int], None] | None = None, compile: bool = False) -> list[list[int]]:
+             image_grid_thw=None, *, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+             max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             stop_ids: Sequence[int] = (), seed: int | None = None, on_token: Callable[[int, int], None] | None = None,
+             compile: bool = False) -> list[list[int]]:
     """Each row's new tokens, cut *before* its first stop id (the stop id itself is not returned).
 
     input_ids (B, T) are left-padded (attention_mask 0 on the pads), so every row's last column is real and the
@@ -184,32 +193,33 @@ def generate(model: M.VLM, input_ids: torch.Tensor, attention_mask: torch.Tensor
     B, T = input_ids.shape
     context = model.cfg.text.max_position_embeddings
     if T >= context:
-        raise ValueError(f"the prompt is {T} tokens (text + image tokens), the model's context is {context} "
-                         f"(max_position_embeddings): shorten the prompt, use fewer images or lower --max-pixels")
+        raise ValueError(f"the prompt is {T} tokens (text, images, videos), the model's context is {context} "
+                         f"(max_position_embeddings): shorten it, or use fewer or smaller images and videos")
     max_new_tokens = min(max_new_tokens, context - T)
     if attention_mask is not None and not attention_mask[:, -1].all():
         raise ValueError("generate() needs left padding: the last column of attention_mask must be all ones")
     padded = attention_mask is not None and not attention_mask.all()  # no pads: no mask at all, the fast path
     input_ids = input_ids.to(device)
-    if pixel_values is not None:
-        pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
+    vision = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                  video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts)
+    vision = {k: v.to(device) for k, v in vision.items() if v is not None}
 
     dtype = model.model.norm.weight.dtype
-    if compile:
-        cache = static_cache(model.cfg.text, B, cache_slots(T + max_new_tokens, context), device, dtype)
+    if compile:  # its size the next power of two from 1024 (up to the context): other lengths reuse one step
+        slots = min(context, max(1024, 1 << (T + max_new_tokens - 1).bit_length()))
+        cache = static_cache(model.cfg.text, B, slots, device, dtype)
         cache.length, cache.rope_delta = 0, None
     else:
         cache = M.KVCache(model.cfg.text, B, T + max_new_tokens, device=device, dtype=dtype)
     mask = None
     if padded or compile:  # one preallocated mask: pads 0, the prompt and every future token 1
         mask = torch.ones(B, cache.max_len, dtype=torch.long, device=device)
-        if attention_mask is not None:
-            mask[:, :T] = attention_mask
+        mask[:, :T] = attention_mask if attention_mask is not None else 1
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
-    # prefill: the whole prompt and the images in one pass (segment attention); logits only for the last column
-    h = model(input_ids, pixel_values, image_grid_thw, attention_mask=None if mask is None else mask[:, :T],
-              cache=cache, return_hidden=True)
+    # prefill: the whole prompt, images and videos in one pass (segment attention); logits only for the last column
+    h = model(input_ids, attention_mask=None if mask is None else mask[:, :T], cache=cache, return_hidden=True,
+              **vision)
     logits = model.lm_head(h[:, -1]).float()
     if compile:  # the next token's position: the real tokens so far (+ the VLM's rope delta); its slot: T
         step = compiled_decode_step(device.type == "cuda")
@@ -236,102 +246,92 @@ def generate(model: M.VLM, input_ids: torch.Tensor, attention_mask: torch.Tensor
             positions, slot, cache.length = positions + 1, slot + 1, cache.length + 1
         else:
             logits = decode_step(model, tokens[:, None], cache, None if mask is None else mask[:, : cache.length + 1])
-    out = []
-    for row in new[:, : i + 1].tolist():  # each row up to its first stop id
-        cut = next((j for j, t in enumerate(row) if t in stop_ids), len(row))
-        out.append(row[:cut])
-    return out
+    rows = new[:, : i + 1].tolist()
+    return [row[: next((j for j, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]  # to the stop
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the command line
 
 
-class Streamer:
-    """Prints a row's tokens as text as they come. Byte-level BPE can split a character over tokens: text that
-    ends in an incomplete character (U+FFFD) waits for the next token."""
+def answer(model, tokenizer, cfgs, messages, media, cfg: SampleConfig, stop_ids) -> str:
+    """Stream the reply to `messages` (their images and videos: media; cfgs: the model's (image_cfg, video_cfg))
+    and return its text. Text that ends in an incomplete character (U+FFFD: byte-level BPE splits some over
+    tokens) waits for the next token."""
+    images, videos = ([m for m in media if isinstance(m, pixels.Video) == v] for v in (False, True))
+    ids, vision = build_prompt(tokenizer, messages, images, cfgs[0], videos, cfgs[1])
+    new, shown = [], 0
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
+    def show(row: int, token: int | None):  # token None: the end, whatever is left
+        nonlocal shown
+        new.extend([] if token is None else [token])
+        text = tokenizer.decode(new)
+        if token is None or not text.endswith("\ufffd"):
+            print(text[shown:], end="", flush=True)
+            shown = len(text)
 
-    def __call__(self, row: int, token: int):
-        self.ids.append(token)
-        if not self.tokenizer.decode(self.ids).endswith("\ufffd"):
-            self.flush()
-
-    def flush(self):
-        text = self.tokenizer.decode(self.ids)
-        print(text[self.shown :], end="", flush=True)
-        self.shown = len(text)
-
-
-def answer(model, tokenizer, image_cfg, messages, images, cfg: SampleConfig, stop_ids) -> str:
-    """Stream the assistant's reply to `messages` and return its text."""
-    ids, pixel_values, grid = build_prompt(tokenizer, messages, images, image_cfg)
-    streamer = Streamer(tokenizer)
-    generate(model, torch.tensor([ids]), None, pixel_values, grid, max_new_tokens=cfg.max_new_tokens,
+    generate(model, torch.tensor([ids]), None, **vision, max_new_tokens=cfg.max_new_tokens,
              temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, stop_ids=stop_ids, seed=cfg.seed,
-             on_token=streamer, compile=cfg.compile and next(model.parameters()).is_cuda)
-    streamer.flush()  # an answer cut off inside a character ends in U+FFFD
+             on_token=show, compile=cfg.compile and next(model.parameters()).is_cuda)
+    show(0, None)
     print(flush=True)
-    return tokenizer.decode(streamer.ids)
+    return tokenizer.decode(new)
 
 
-def user_message(text: str, n_images: int) -> dict:
-    """A user message with its images first, as Qwen's examples put them."""
-    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+def user_message(text: str, media: list) -> dict:
+    """A user message: its images first, then its videos, then the text, as Qwen's examples put them."""
+    kinds = sorted("video" if isinstance(m, pixels.Video) else "image" for m in media)
+    return {"role": "user", "content": [{"type": k} for k in kinds] + [{"type": "text", "text": text}]}
 
 
-def user_turn(text: str, paths: list) -> tuple[dict, list]:
-    """The user message and its decoded images (raises, naming the file, if one is missing or not an image)."""
-    return user_message(text, len(paths)), [pixels.load_image(p) for p in paths]
+def attach(kind: str, path: str, image_cfg, video_cfg):
+    """An image, or a video (a file or a folder of frames), decoded; raises, naming the file, if it is missing or
+    not one (or no path), or if the model takes no such input."""
+    if (image_cfg if kind == "image" else video_cfg) is None:
+        raise ValueError(f"this model cannot take {kind}s: " + ("a text-only LLM" if image_cfg is None else
+                                                                  "its config.json has no video_token_id"))
+    return pixels.load_image(path) if kind == "image" else pixels.load_video(path, video_cfg)
 
 
-HELP = "`/image PATH` attaches an image to your next message, `/reset` starts over, `/quit` or Ctrl-D leaves"
+HELP = "`/image PATH`, `/video PATH` attach to your next message, `/reset` starts over, `/quit` or Ctrl-D leaves"
 
 
-def chat(model, tokenizer, image_cfg, cfg: SampleConfig, opening: list[dict], stop_ids, pending: list):
-    """A multi-turn chat. Each turn prefills the whole conversation again, its images included: simple, and the
-    prompt is short next to the time spent decoding on a CPU. A command is checked when typed (an image is
-    decoded then); an error loses nothing else; Ctrl-C stops an answer, at the prompt it leaves."""
+def chat(model, tokenizer, cfgs, cfg: SampleConfig, opening: list[dict], stop_ids, pending: list):
+    """A multi-turn chat. Each turn prefills the whole conversation again, its images and videos included: simple,
+    and the prompt is short next to the time spent decoding on a CPU. A command is checked when typed (an image or
+    video is decoded then); an error loses nothing else; Ctrl-C stops an answer, at the prompt it leaves."""
     print(f"chat: type a message; {HELP}.", file=sys.stderr)
-    messages, images = list(opening), []
+    messages, media = list(opening), []
     while True:
-        attached = f" (+{len(pending)} image{'s' if len(pending) > 1 else ''})" if pending else ""
+        kinds = [k for k in ("image", "video") for m in pending if isinstance(m, pixels.Video) == (k == "video")]
+        attached = ", ".join(f"{kinds.count(k)} {k}{'s' * (kinds.count(k) > 1)}" for k in sorted(set(kinds)))
         try:
-            line = input(f"you{attached}> ").strip()
+            line = input(f"you (+{attached})> " if attached else "you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
         command, _, arg = line.partition(" ")
         if command in ("/quit", "/exit"):
             return
-        if command == "/reset":
-            messages, images, pending = list(opening), [], []
-            print("(conversation and attached images cleared)", file=sys.stderr)
-        elif command == "/image":
-            try:
-                if image_cfg is None:
-                    raise ValueError("this model is a text-only LLM: it cannot take images")
-                pending.append(pixels.load_image(arg.strip()))  # raises, naming the file, if missing or not one
-            except (FileNotFoundError, ValueError) as e:
-                print(f"error: {e}", file=sys.stderr)
-        elif command.startswith("/"):
-            print(f"error: unknown command {command}: {HELP}", file=sys.stderr)
-        elif line:
-            message = user_message(line, len(pending))
-            try:
+        try:  # an error says so and loses nothing: a turn that fails keeps its message's attachments pending
+            if command == "/reset":
+                messages, media, pending = list(opening), [], []
+                print("(conversation and attachments cleared)", file=sys.stderr)
+            elif command in ("/image", "/video"):
+                pending.append(attach(command[1:], arg.strip(), *cfgs))
+            elif command.startswith("/"):
+                raise ValueError(f"unknown command {command}: {HELP}")
+            elif line:
+                message = user_message(line, pending)
                 print("assistant> ", end="", flush=True)
-                reply = answer(model, tokenizer, image_cfg, messages + [message], images + pending, cfg, stop_ids)
-            except ValueError as e:  # too long a chat: say so; the message and its images stay pending
-                print(f"error: {e}", file=sys.stderr)
-            except KeyboardInterrupt:
-                print("\n(answer interrupted)", file=sys.stderr)
-            else:
+                reply = answer(model, tokenizer, cfgs, messages + [message], media + pending, cfg, stop_ids)
                 # Qwen3's template keeps no reasoning of past turns: only the text after </think> stays
-                reply = reply.split("</think>")[-1].lstrip("\n")
-                messages += [message, {"role": "assistant", "content": reply}]
-                images, pending = images + pending, []
+                messages += [message, {"role": "assistant", "content": reply.split("</think>")[-1].lstrip("\n")}]
+                media, pending = media + pending, []
+        except (FileNotFoundError, ValueError) as e:  # a bad file, a model that takes none, too long a chat
+            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
 
 
 DEMO_MODEL = "out/demo/stage2"
@@ -344,27 +344,27 @@ def main(argv=None):
             sys.exit(f"error: no --model given and the demo's {DEMO_MODEL} does not exist yet: `python demo.py` makes "
                      "it (offline, minutes on a CPU), or pass --model DIR")
         cfg = dataclasses.replace(cfg, model=DEMO_MODEL)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    paths = [("image", p) for p in cfg.image] + [("video", p) for p in cfg.video]
     try:
-        message, images = user_turn(cfg.prompt, cfg.image)  # before the (slow) model load: a bad path fails at once
+        if missing := [f"{kind} file not found: {p}" for kind, p in paths if not Path(p).exists()]:
+            raise FileNotFoundError(missing[0])  # before the (slow) model load; decoding needs the model's settings
         prompt = cfg.prompt
         if not prompt and not cfg.chat and not sys.stdin.isatty():  # piped in: that is the prompt, one answer
             if not (prompt := sys.stdin.read().strip()):
                 raise ValueError("no --prompt and nothing on stdin: give a prompt, or --chat")
-            message = user_message(prompt, len(images))
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer, image_cfg = weights.load(cfg.model, device, getattr(torch, cfg.dtype), cfg.adapter,
                                                    cfg.max_pixels)
-        if cfg.image and image_cfg is None:
-            raise ValueError(f"{cfg.model} is a text-only LLM (no vision tower): it cannot take --image")
+        cfgs = image_cfg, weights.video_config(cfg.model, model.cfg, cfg.fps, cfg.max_frames, cfg.video_max_pixels)
+        media = [attach(kind, p, *cfgs) for kind, p in paths]
         system = cfg.system or weights.template_defaults(weights.read_chat_template(cfg.model))[0]
         stop_ids = weights.stop_token_ids(cfg.model)
         if not stop_ids:
-            print(f"warning: {cfg.model} names no eos_token_id: every answer runs to --max-new-tokens",
-                  file=sys.stderr)
+            print(f"warning: {cfg.model} names no eos_token_id: answers run to --max-new-tokens", file=sys.stderr)
         opening = [{"role": "system", "content": system}] if system else []
         if not prompt:
-            return chat(model, tokenizer, image_cfg, cfg, opening, stop_ids, images)
-        answer(model, tokenizer, image_cfg, opening + [message], images, cfg, stop_ids)
+            return chat(model, tokenizer, cfgs, cfg, opening, stop_ids, media)
+        answer(model, tokenizer, cfgs, opening + [user_message(prompt, media)], media, cfg, stop_ids)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

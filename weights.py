@@ -335,6 +335,19 @@ def load(model_dir, device="cpu", dtype: torch.dtype | None = torch.bfloat16, ad
     return model, tokenizer, image_cfg
 
 
+
+def video_config(model_dir, cfg: M.ModelConfig, fps: float | None = None, max_frames: int | None = None,
+                 max_pixels: int | None = None) -> pixels.VideoConfig | None:
+    """The model dir's video settings (pixels.video_config_from_dir) with the --fps / --max-frames /
+    --video-max-pixels overrides (None or 0: the dir's); None for a model that takes no video (a text-only LLM,
+    or a config.json without video_token_id)."""
+    if cfg.vision is None or cfg.video_token_id is None:
+        return None
+    v = pixels.video_config_from_dir(model_dir, patch_size=cfg.vision.patch_size)
+    max_pixels = max_pixels or v.max_pixels
+    return replace(v, fps=fps or v.fps, max_frames=max_frames or v.max_frames, max_pixels=max_pixels,
+                   min_pixels=min(v.min_pixels, max_pixels))
+
 class PackedLinear(nn.Module):
     """nn.Linear for CPU inference with its bf16 weight in oneDNN's blocked layout: the same products bit for bit
     (tests/test_sample.py), read ~3x faster for one token than by F.linear's row-major kernel (a Qwen3-0.6B-size

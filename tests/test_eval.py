@@ -238,7 +238,8 @@ def test_prompt_ids_are_what_transformers_makes_of_the_row(model_dir, tmp_path, 
     system = weights.template_defaults(weights.read_chat_template(model_dir))[0]
     image_cfg = pixels.image_config_from_dir(model_dir, patch_size=14)
     tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    ids, pv, grid = sample.build_prompt(tok, E.messages_of(s.turns, system), images, image_cfg)
+    ids, vision = sample.build_prompt(tok, E.messages_of(s.turns, system), images, image_cfg)
+    pv, grid = vision["pixel_values"], vision["image_grid_thw"]
 
     images_only = type("P", (Qwen2_5_VLProcessor,), dict(get_attributes=classmethod(lambda c: ["image_processor",
                                                                                                  "tokenizer"])))

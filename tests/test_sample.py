@@ -219,11 +219,11 @@ def expected_answer(model_dir, prompt: str, images: list[str], n: int) -> str:
     """What the CLI should print: generate() on the same prompt, in-process, decoded."""
     model, tok, image_cfg = weights.load(model_dir, "cpu", torch.float32)
     system = weights.template_defaults(weights.read_chat_template(model_dir))[0]
-    message, imgs = S.user_turn(prompt, images)
-    ids, pv, grid = S.build_prompt(tok, [dict(role="system", content=system)] * bool(system) + [message], imgs,
-                                   image_cfg)
+    imgs = [pixels.load_image(p) for p in images]
+    ids, vision = S.build_prompt(tok, [dict(role="system", content=system)] * bool(system)
+                                 + [S.user_message(prompt, imgs)], imgs, image_cfg)
     assert "You are a helpful assistant." in tok.decode(ids, skip_special_tokens=False) or not image_cfg
-    out = S.generate(model, torch.tensor([ids]), None, pv, grid, max_new_tokens=n,
+    out = S.generate(model, torch.tensor([ids]), None, **vision, max_new_tokens=n,
                      stop_ids=weights.stop_token_ids(model_dir))
     return tok.decode(out[0])
 
@@ -253,7 +253,7 @@ def test_cli_chat_commands_and_a_prompt_from_stdin(cli_dir):
     turns = "/foo\n/image\n/reset\nhi\n"
     p = run_cli("--model", cli_dir, "--max-new-tokens", 2, "--dtype", "float32", "--chat", stdin=turns)
     assert p.returncode == 0 and "error: unknown command /foo: `/image PATH`" in p.stderr, p.stderr
-    assert "(conversation and attached images cleared)" in p.stderr and "Traceback" not in p.stderr
+    assert "(conversation and attachments cleared)" in p.stderr and "Traceback" not in p.stderr
     assert p.stdout.count("assistant> ") == 1  # EOF after the last turn leaves quietly
     p = run_cli("--model", cli_dir, "--image", cli_dir / "small.png", "--max-new-tokens", 8, "--dtype", "float32",
                 stdin="Describe the image.\n")
@@ -272,7 +272,7 @@ def test_cli_text_only_llm(tmp_path, capsys):
     want = expected_answer(tmp_path, "Count: 1, 2, 3", [], 6)
     assert want and capsys.readouterr().out == want + "\n"
     Image.new("RGB", (28, 28)).save(tmp_path / "x.png")
-    with pytest.raises(SystemExit, match="text-only LLM .* cannot take --image"):
+    with pytest.raises(SystemExit, match="cannot take images: a text-only LLM"):
         S.main(["--model", str(tmp_path), "--prompt", "hi", "--image", str(tmp_path / "x.png"), "--dtype", "float32"])
 
 
@@ -355,8 +355,9 @@ def test_load_packs_a_vl_model_and_its_images_give_the_same_answer(cli_dir):
     plain = weights.from_pretrained(cli_dir, dtype=torch.bfloat16)
     assert isinstance(model.lm_head, weights.PackedLinear) and isinstance(model.model.layers[0].mlp.up_proj, weights.PackedLinear)
     assert type(model.visual.blocks[0].mlp.up_proj) is torch.nn.Linear  # the tower runs once per prompt: as loaded
-    message, imgs = S.user_turn("Describe the image.", [cli_dir / "small.png"])
-    ids, pv, grid = S.build_prompt(tok, [message], imgs, image_cfg)
+    imgs = [pixels.load_image(cli_dir / "small.png")]
+    ids, vision = S.build_prompt(tok, [S.user_message("Describe the image.", imgs)], imgs, image_cfg)
+    pv, grid = vision["pixel_values"], vision["image_grid_thw"]
     ids = torch.tensor([ids])
     (a, toks_a), (b, toks_b) = logits_and_tokens(plain, ids, pv, grid), logits_and_tokens(model, ids, pv, grid)
     assert torch.equal(a, b) and toks_a == toks_b
