@@ -167,7 +167,7 @@ def read_tensor(file: Path, name: str, rows: int | None = None) -> torch.Tensor:
 
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-               "generation_config.json", "preprocessor_config.json")
+               "generation_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 
 
 @dataclass(frozen=True)

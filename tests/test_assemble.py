@@ -153,6 +153,9 @@ def test_qwen25_vision_untied_qwen3(dirs, tmp_path, capsys):
     assert (out / "tokenizer.json").read_bytes() == (dirs["untied"] / "tokenizer.json").read_bytes()
     assert (out / "generation_config.json").read_bytes() == (dirs["untied"] / "generation_config.json").read_bytes()
     assert pixels.image_config_from_dir(out) == pixels.image_config_from_dir(dirs["qwen25"])
+    # the donor's video settings (from its preprocessor_config.json, as transformers reads them), written out
+    assert pixels.video_config_from_dir(out) == pixels.video_config_from_dir(dirs["qwen25"], patch_size=14)
+    assert pixels.video_config_from_dir(out).max_pixels == 28 * 28 * 64  # the donor's bound, not the class's
 
     # ours loads it; on text it is exactly the LLM (1-D positions = 3-D positions with equal rows)
     ours, ids = weights.from_pretrained(out), torch.randint(0, 400, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -193,6 +196,7 @@ def test_qwen3vl_vision_tied_narrower_qwen3_copy(dirs, tmp_path):
     for name in ("model.visual.merger.linear_fc2.weight", "model.visual.deepstack_merger_list.1.linear_fc2.bias"):
         assert origins[name][0] == "cropped" and torch.equal(got[name], donor[name][:48])
     assert "lm_head.weight" not in got  # tied, as in the LLM
+    assert pixels.video_config_from_dir(out) == pixels.video_config_from_dir(dirs["qwen3vl"], patch_size=16)
 
     hf, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
