@@ -15,6 +15,8 @@
   decode     sample.generate(compile=True) at batch 1 on Qwen3-0.6B / 1.7B / 8B shapes with 512- and 8192-token
              prompts: tokens/s against the HBM limit (bytes read per token / bandwidth measured here by a device
              copy), time to first token, compile time; eval throughput, 8 left-padded prompts vs 1 (samples/s)
+  video      a prompt with a 16-frame video (Qwen3-VL's layout: a block per frame pair) through the Qwen3-VL-2B
+             tower + 1.7B decoder: bf16 logits against the same weights in fp32 (max |diff|), prefill tokens/s
 Each part has a time budget; what does not fit is skipped and says so. One `name: value unit` line per number.
 """
 import argparse
@@ -41,7 +43,7 @@ import sample  # noqa: E402
 import train  # noqa: E402
 import weights  # noqa: E402
 
-IMAGE, START, END = 151655, 151652, 151653
+IMAGE, START, END, VIDEO = 151655, 151652, 151653, 151656
 # Qwen3 decoders (config.json values, /work/shared/ARCHITECTURE.md): hidden, MLP, layers, heads, kv heads, tied
 QWEN3 = {"0.6B": (1024, 3072, 28, 16, 8, True), "1.7B": (2048, 6144, 28, 16, 8, True),
          "8B": (4096, 12288, 36, 32, 8, False), "tiny": (64, 128, 2, 4, 2, True)}
@@ -50,7 +52,7 @@ VISION = {"2B": dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size
                      num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
           "tiny": dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, patch_size=4,
                        num_position_embeddings=16, deepstack_visual_indexes=[0])}
-BUDGET_S = {"setup": 60, "attention": 30, "fsdp": 60, "train": 170, "decode": 180}  # 500 s, of 8 min with slack
+BUDGET_S = {"setup": 60, "attention": 30, "fsdp": 60, "train": 170, "decode": 180, "video": 40}  # 540 s, of 9 min
 STAGE2 = dict(vision=True, merger=True, llm=True)
 
 
@@ -69,8 +71,8 @@ def vlm_config(tiny: bool) -> dict:
     vision = dict(VISION["tiny" if tiny else "2B"], out_hidden_size=text["hidden_size"], temporal_patch_size=2,
                   spatial_merge_size=2, in_channels=3, hidden_act="gelu_pytorch_tanh")
     rope = dict(rope_type="default", mrope_section=[4, 2, 2] if tiny else [24, 20, 20], mrope_interleaved=True)
-    ids = dict(image_token_id=500, vision_start_token_id=501, vision_end_token_id=502) if tiny else \
-        dict(image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END)
+    ids = dict(image_token_id=500, vision_start_token_id=501, vision_end_token_id=502, video_token_id=503) if tiny \
+        else dict(image_token_id=IMAGE, vision_start_token_id=START, vision_end_token_id=END, video_token_id=VIDEO)
     return dict(model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"], **ids,
                 tie_word_embeddings=text["tie_word_embeddings"], text_config=dict(text, rope_scaling=rope),
                 vision_config=vision)
@@ -324,7 +326,41 @@ def check_decode(run: Run, _) -> None:
         free(dev)
 
 
-PARTS = {"attention": check_attention, "fsdp": check_fsdp, "train": check_train, "decode": check_decode}
+def check_video(run: Run, ctx: dict) -> None:
+    dev, tiny = run.device, run.args.tiny
+    cfg = M.config_from_hf(ctx["hf_config"])
+    groups, side = (2, 4) if tiny else (8, 32)  # 16 frames of 512x512 pixels: 8192 patches, 2048 LLM tokens
+    g = torch.Generator().manual_seed(0)
+    text = lambda n: torch.randint(0, cfg.image_token_id, (n,), generator=g)  # noqa: E731 (plain text tokens)
+    pads = torch.full((side * side // cfg.vision.spatial_merge_size**2,), cfg.video_token_id)
+    block = lambda: [text(5), torch.tensor([cfg.vision_start_token_id]), pads, torch.tensor([cfg.vision_end_token_id])]  # noqa: E731
+    ids = torch.cat([text(16), *(x for _ in range(groups) for x in block()), text(32)])[None].to(dev)  # "<t s>" ~ 5
+    v = cfg.vision
+    video = dict(pixel_values_videos=torch.randn(groups * side * side, v.in_channels * v.temporal_patch_size
+                                                 * v.patch_size**2, generator=g).to(dev),
+                 video_grid_thw=torch.tensor([[groups, side, side]], device=dev))
+    model = random_model(cfg, dev)
+    with torch.no_grad():
+        model(ids, **video)  # warm-up
+        t = run.now()
+        got = model(ids, **video)[0].float()
+        dt = run.now() - t
+        pv = video["pixel_values_videos"]  # rows are frame pair after frame pair: the pairs in reverse order
+        back = model(ids, **dict(video, pixel_values_videos=pv.view(groups, -1, pv.shape[-1]).flip(0).flatten(0, 1)))
+        del model
+        free(dev)
+        want = random_model(cfg, dev).float()(ids, **{k: x.float() if x.is_floating_point() else x
+                                                      for k, x in video.items()})[0]
+    run.report("video_prompt_tokens", ids.shape[1], "tokens")
+    run.report("video_prefill_tokens_per_s", ids.shape[1] / dt, "tokens/s")
+    run.report("video_logits_max_diff_bf16_fp32", (got - want).abs().max().item())
+    run.report("video_logits_max_abs", want.abs().max().item())  # for scale
+    run.report("video_logits_diff_frames_reversed", (back[0].float() - want).abs().max().item())  # must be larger
+    free(dev)
+
+
+PARTS = {"attention": check_attention, "fsdp": check_fsdp, "train": check_train, "decode": check_decode,
+         "video": check_video}
 
 
 def main(argv=None) -> dict:

@@ -14,7 +14,8 @@ EXPECTED = ["attn_out_max_diff", "attn_dq_max_diff", "attn_dk_max_diff", "attn_d
             "fsdp_loss_plain", "fsdp_loss_fsdp2", "fsdp_loss_diff", "train_tokens_per_step",
             "train_model_tflop_per_step", *TRAIN, "hbm_bandwidth_gb_s", *DECODE, "eval_b1_samples_per_s",
             "eval_b8_samples_per_s", "part_setup_s", "part_attention_s", "part_fsdp_s", "part_train_s",
-            "part_decode_s", "total_s"]
+            "part_decode_s", "video_prompt_tokens", "video_prefill_tokens_per_s", "video_logits_max_diff_bf16_fp32",
+            "video_logits_max_abs", "video_logits_diff_frames_reversed", "part_video_s", "total_s"]
 
 
 def test_tiny_run_writes_every_number(tmp_path):
@@ -34,6 +35,9 @@ def test_tiny_run_writes_every_number(tmp_path):
     assert all(got[k] > 0 for k in positive), {k: got[k] for k in positive if not got[k] > 0}
     # bf16 kernels against the fp32 reference: rounding (outputs ~2, so ~1e-2), not a wrong mask (~1)
     assert max(got[f"attn_{k}_max_diff"] for k in ("out", "dq", "dk", "dv")) < 0.05
+    # bf16 rounding, not a bug; and the frames matter: reversed, they move the logits more than rounding does
+    assert got["video_logits_max_diff_bf16_fp32"] < 0.1 * got["video_logits_max_abs"]
+    assert got["video_logits_diff_frames_reversed"] > 2 * got["video_logits_max_diff_bf16_fp32"]
     assert got["fsdp_loss_diff"] < 1e-3 and math.isclose(got["fsdp_loss_plain"], math.log(512), rel_tol=0.1)
     lines = r.stdout.splitlines()  # one `name: value unit` line per number
     assert all(any(line.startswith(f"{k}: ") for line in lines) for k in EXPECTED if k != "total_s")
