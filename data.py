@@ -269,8 +269,8 @@ def check_dataset(samples: list[Sample], chat: Chat, cfg: DataConfig, num_worker
             frames = pixels.frame_paths(v)
             images |= {str(f): cache_file(s) for f in frames or ()}
             videos |= {} if frames is not None else {str(v): cache_file(s, "videos")}
-    facts = pixels.check_images(images, num_workers, rank, world_size, gather) if chat.image else {}
-    video_facts = pixels.check_images(videos, num_workers, rank, world_size, gather, pixels.video_facts)
+    facts = pixels.check_files(images, num_workers, rank, world_size, gather) if chat.image else {}
+    video_facts = pixels.check_files(videos, num_workers, rank, world_size, gather, pixels.video_facts)
     _CHECKING = (chat, cfg.max_length, facts, video_facts)
     mine = samples[rank::world_size]
     if num_workers > 0 and len(mine) > 256:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import cli
 import pixels
+import records
 import sample
 import scores
 import weights
@@ -188,14 +189,6 @@ def read_jsonl(path: str | Path, max_samples: int = 0, root: str | Path = "") ->
     return samples
 
 
-def is_path(p) -> bool:
-    return isinstance(p, str) and p != ""
-
-
-def is_path_list(v) -> bool:
-    return isinstance(v, list) and all(map(is_path, v))
-
-
 def jsonl_sample(rec: dict, root: Path, where: str) -> Sample:
     turns = rec.get("messages") or rec.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -206,12 +199,10 @@ def jsonl_sample(rec: dict, root: Path, where: str) -> Sample:
     *turns, (role, ref) = [(ROLES[r], text) for r, text in turns]
     if role != "assistant" or not any(r == "user" for r, _ in turns) or not ref.strip():
         raise ValueError("the last turn must be the reference answer (assistant / gpt) after a user turn")
-    images = rec.get("images", rec.get("image", []))
-    images = [images] if isinstance(images, str) else images
-    videos = [rec["video"]] if "video" in rec else rec.get("videos", [])  # as records.py reads them for training
-    if not is_path_list(images):
+    images, videos = records.media_fields(rec)  # as training data reads them
+    if not records.is_paths(images):
         raise ValueError(f"image / images must be a path or a list of paths, got {images!r}")
-    if not isinstance(videos, list) or not all(is_path(v) or v and is_path_list(v) for v in videos):
+    if not records.is_videos(videos):
         raise ValueError(f"video is a path or a list of frame paths, videos a list of them; got {videos!r}")
     files = dict(image=[root / p for p in images],
                  video=[root / v if isinstance(v, str) else [root / f for f in v] for v in videos])

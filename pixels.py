@@ -502,7 +502,7 @@ def video_blocks(num_frames: int, height: int, width: int, cfg: VideoConfig) -> 
     return [n // t] * t if cfg.text_timestamps else [n]
 
 
-# ---- the dataset check's image facts, decoded once and cached beside the data ----
+# ---- the dataset check's image and video facts, decoded once and cached beside the data ----
 
 
 def image_facts(path: Path) -> list:
@@ -545,7 +545,7 @@ def video_facts(path: Path) -> list:
     return [st.st_size, st.st_mtime_ns, total, rate, h, w, ""]
 
 
-def check_images(paths: dict[str, Path], num_workers: int = 0, rank: int = 0, world_size: int = 1,
+def check_files(paths: dict[str, Path], num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  gather=None, facts_of=image_facts) -> dict[str, list]:
     """facts_of (image_facts, or video_facts) every file in `paths` (file -> its cache file, beside its dataset),
     from the caches where size and mtime still match; the rest decoded, each rank its share (in `num_workers`

@@ -119,6 +119,22 @@ def preview(value) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+def media_fields(raw: dict) -> tuple[object, object]:
+    """A record's images and videos as lists, as its fields give them: `image` (a path) or `images` (a list);
+    `video` (one video) or `videos` (a list). Unchecked: is_paths / is_videos say whether they are well formed."""
+    images = raw.get("images", raw.get("image", []))
+    return [images] if isinstance(images, str) else images, [raw["video"]] if "video" in raw else raw.get("videos", [])
+
+
+def is_paths(value) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) and p != "" for p in value)
+
+
+def is_videos(value) -> bool:
+    """A list of videos, each a path (a file or a folder of frames) or a non-empty list of frame paths."""
+    return isinstance(value, list) and all(is_paths([v]) or v and is_paths(v) for v in value)
+
+
 def parse_sample(where: str, raw, root: Path) -> tuple[Sample | None, list[Problem]]:
     """A LLaVA or ms-swift record (FORMATS) as a Sample, or every problem found in it. Images are `image` (a path)
     or `images` (a list), relative to root, one per <image> placeholder, in order; videos likewise `video` (one:
@@ -157,20 +173,13 @@ def parse_sample(where: str, raw, root: Path) -> tuple[Sample | None, list[Probl
             bad("bad field", f"turn {k}: {text_key} is {preview(turn[text_key])}, not a string")
         else:
             messages.append((role, turn[text_key]))
-    if "image" in raw and "images" in raw:
-        bad("conflicting fields", "`image` and `images`: use one")
-    paths = raw.get("images", raw.get("image", []))
-    paths = [paths] if isinstance(paths, str) else paths
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+    for one in ("image", "video"):
+        if one in raw and one + "s" in raw:
+            bad("conflicting fields", f"`{one}` and `{one}s`: use one")
+    paths, videos = media_fields(raw)
+    if not is_paths(paths):
         bad("bad field", f"images must be a path or a list of paths, not {preview(paths)}")
-    if "video" in raw and "videos" in raw:
-        bad("conflicting fields", "`video` and `videos`: use one")
-    videos = [raw["video"]] if "video" in raw else raw.get("videos", [])
-
-    def a_video(v) -> bool:  # a path (a file or a folder of frames), or a non-empty list of frame paths
-        return isinstance(v, str) and v != "" or isinstance(v, list) and v and all(isinstance(f, str) and f for f in v)
-
-    if not isinstance(videos, list) or not all(map(a_video, videos)):
+    if not is_videos(videos):
         bad("bad field", f"`video` is a path or a list of frame paths, `videos` a list of them, not {preview(videos)}")
     if out:
         return None, out
